@@ -1,0 +1,34 @@
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO ?= $(VPY) examples/influence_balancing.py --quick --out results/influence_balancing.json
+
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: venv demo test lint docs clean
+
+venv: $(STAMP)
+
+# keras_es/__init__.py is listed (if present) because a setuptools editable install
+# made before the package existed maps nothing; re-install once it appears.
+$(STAMP): setup.cfg pyproject.toml $(wildcard keras_es/__init__.py)
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: venv
+	mkdir -p results
+	$(DEMO)
+
+test: venv
+	$(VPY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check keras_es tests examples benchmarks
+
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+clean:
+	rm -rf $(VENV) site results

@@ -1,0 +1,43 @@
+"""keras_es: evolution-strategies hyperparameter optimization for Keras.
+
+Unbiased gradient estimates of hyperparameters through long training runs, from short
+truncated unrolls: PES, ES-Single (noise reuse), Guided ES and telescoping sums.
+"""
+
+from keras_es import guided, noise, transforms
+from keras_es.estimators import (
+    ESTIMATORS,
+    Estimator,
+    EstimatorState,
+    GuidedConfig,
+    WindowResult,
+    es_single,
+    full_es,
+    pes,
+    truncated_es,
+)
+from keras_es.outer import MetaTrainer
+from keras_es.transforms import Hyperparameter, SearchSpace
+from keras_es.unrolled import UnrolledSystem, select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "EstimatorState",
+    "GuidedConfig",
+    "Hyperparameter",
+    "MetaTrainer",
+    "SearchSpace",
+    "UnrolledSystem",
+    "WindowResult",
+    "es_single",
+    "full_es",
+    "guided",
+    "noise",
+    "pes",
+    "select",
+    "transforms",
+    "truncated_es",
+]

@@ -1,0 +1,523 @@
+"""Gradient estimators for unrolled computation graphs: full ES, truncated ES, PES,
+ES-Single and the general resampling interval M, with guided sampling, telescoping and
+non-finite guards that compose with every one of them.
+
+One mechanism covers all estimators. Each antithetic pair ``p`` keeps
+
+* its noise ``eps_p`` (the perturbation currently applied: ``+eps`` to particle ``2p``,
+  ``-eps`` to particle ``2p + 1``) and its *score* ``C^-1 eps_p`` (``C`` is the noise
+  covariance over ``sigma^2``; ``C = I`` unless guided);
+* an accumulator ``xi_p``: the sum of the scores of every perturbation applied since
+  the pair's episode began (PES), or just the current one (ES-Single, truncated ES).
+
+The estimators differ only in *when* noise is redrawn and whether ``xi`` accumulates:
+
+============== ======================================= ==============================
+estimator      new noise                               ``xi``
+============== ======================================= ==============================
+full_es        at episode start; window = episode      current score
+truncated_es   at every window start                   current score (biased)
+pes            at every window start                   sum over the episode
+resample=M     every M steps of the within-episode     sum over the episode
+               counter
+es_single      at episode start                        current score
+============== ======================================= ==============================
+
+Convention (trap 6): a window's loss is the **sum** of its per-step losses, and the
+estimate is the **mean over valid pairs**::
+
+    g = 1 / (2 sigma^2 pairs) * sum_p sum_steps (l_+ - l_-) xi_p
+
+so it is an unbiased estimate of the gradient of the smoothed sum of the window's
+per-step losses. With ``objective="final"`` the window's credit is the telescoped
+difference ``dF_j xi_j - dF_{j-1} xi_{j-1}`` of the meta-loss at window ends, which sums
+over an episode to ``dF_T xi_T``: unbiased for the final loss.
+
+Everything is a pure function of explicit state (:class:`EstimatorState`), traced
+once under ``tf.function`` with a graph loop over steps and no Python loop over
+particles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from keras_es import guided as guided_lib
+from keras_es import noise as noise_lib
+from keras_es.unrolled import UnrolledSystem, select
+
+_OBJECTIVES = ("sum", "final")
+_WEIGHTINGS = ("inverse_covariance", "covariance")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedConfig:
+    """Guided ES sampling (Maheswaranathan et al., 2019).
+
+    Args:
+        k: Number of surrogate gradients kept in the FIFO.
+        alpha: Share of the variance spent isotropically, in ``(0, 1]``.
+        beta: Scale of the estimate with ``weighting="covariance"``.
+        weighting: ``"inverse_covariance"`` (default) credits ``Sigma^-1 eps``, which
+            keeps every estimator unbiased for the gradient (the only choice that keeps
+            guided PES and guided ES-Single unbiased, since ``Sigma`` changes between
+            draws). ``"covariance"`` credits ``beta * eps`` as in the Guided ES paper:
+            ``E[g] = beta Sigma grad``, a descent direction, not the gradient.
+    """
+
+    k: int = 1
+    alpha: float = 0.5
+    beta: float = 2.0
+    weighting: str = "inverse_covariance"
+
+    def __post_init__(self):
+        if not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"guided k={self.k!r} is invalid; expected an integer >= 1.")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"guided alpha={self.alpha!r} is invalid; expected 0 < alpha <= 1.")
+        if not self.beta > 0:
+            raise ValueError(f"guided beta={self.beta!r} is invalid; expected beta > 0.")
+        if self.weighting not in _WEIGHTINGS:
+            raise ValueError(
+                f"guided weighting={self.weighting!r} is invalid; expected one of {_WEIGHTINGS}.")
+
+
+class EstimatorState(NamedTuple):
+    """Per-pair bookkeeping of an estimator (leading dimension: pairs).
+
+    Attributes:
+        episode_step: int32, steps taken in the current episode.
+        episode: int32, episodes started so far (keys re-initialization).
+        draws: int32, noise draws so far (keys the noise).
+        steps: int32, steps taken in total (keys minibatches and dropout).
+        noise: float32 ``[pairs, dim]``, the perturbation currently applied.
+        score: float32 ``[pairs, dim]``, the credit weight of ``noise``.
+        accumulator: float32 ``[pairs, dim]``, ``xi``.
+        final_difference: float32, ``F_+ - F_-`` at the last window end (telescoping).
+        final_accumulator: float32 ``[pairs, dim]``, ``xi`` at the last window end.
+        guided: :class:`keras_es.guided.GuidedState` (``k = 0`` when unguided).
+        diverged: int32 scalar, pairs reset after a non-finite loss, in total.
+    """
+
+    episode_step: tf.Tensor
+    episode: tf.Tensor
+    draws: tf.Tensor
+    steps: tf.Tensor
+    noise: tf.Tensor
+    score: tf.Tensor
+    accumulator: tf.Tensor
+    final_difference: tf.Tensor
+    final_accumulator: tf.Tensor
+    guided: guided_lib.GuidedState
+    diverged: tf.Tensor
+
+
+class WindowResult(NamedTuple):
+    """What one window of K steps produced.
+
+    Attributes:
+        gradient: float32 ``[dim]``, the estimate (zeros if no pair was valid).
+        loss: Mean per-step loss of the finite particles over the window.
+        meta_loss: Mean meta-loss at window end (``objective="final"``; else NaN).
+        valid_pairs: int32, pairs whose window was finite and credited.
+        diverged_pairs: int32, pairs reset in this window after a non-finite loss.
+    """
+
+    gradient: tf.Tensor
+    loss: tf.Tensor
+    meta_loss: tf.Tensor
+    valid_pairs: tf.Tensor
+    diverged_pairs: tf.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """An ES gradient estimator for unrolled systems (use the factory functions).
+
+    Args:
+        name: Display name.
+        sigma: Perturbation scale: ``eps ~ N(0, sigma^2 I)`` (guided: ``sigma^2 Sigma``
+            with ``trace(Sigma) = 1``).
+        truncation_length: K, steps per window (one outer update per window).
+        horizon: T, steps per inner problem (episode); ``None`` never resets.
+        resample: ``"window"`` (new noise every window), ``"episode"`` (once per
+            episode) or an int M (every M steps of the within-episode counter).
+        accumulate: Whether ``xi`` sums scores over the episode (PES) or holds only
+            the current one.
+        objective: ``"sum"`` of per-step losses, or the telescoped ``"final"`` meta-loss.
+        stagger: Spread the pairs' start steps evenly over the horizon and burn them in
+            (trap 5), so resets do not line up.
+        guided: Optional :class:`GuidedConfig`.
+        clip_loss_difference: Optional bound on each per-step ``|l_+ - l_-|``.
+        normalize: Divide the estimate by the spread (std over pairs) of the pairs'
+            window loss differences, making the step size scale-free.
+    """
+
+    name: str
+    sigma: float
+    truncation_length: int
+    horizon: int | None = None
+    resample: str | int = "episode"
+    accumulate: bool = False
+    objective: str = "sum"
+    stagger: bool = True
+    guided: GuidedConfig | None = None
+    clip_loss_difference: float | None = None
+    normalize: bool = False
+
+    def __post_init__(self):
+        _check_positive_float("sigma", self.sigma)
+        _check_positive_int("truncation_length", self.truncation_length)
+        if self.horizon is not None:
+            _check_positive_int("horizon", self.horizon)
+        if isinstance(self.resample, str):
+            if self.resample not in ("window", "episode"):
+                raise ValueError(
+                    f"resample={self.resample!r} is invalid; expected 'window', 'episode' or "
+                    "a positive integer M.")
+        else:
+            _check_positive_int("resample", self.resample)
+        if self.objective not in _OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} is invalid; expected one of {_OBJECTIVES}.")
+        if self.clip_loss_difference is not None:
+            _check_positive_float("clip_loss_difference", self.clip_loss_difference)
+        if self.guided is not None and not isinstance(self.guided, GuidedConfig):
+            raise ValueError(f"guided={self.guided!r} is invalid; expected a GuidedConfig or None.")
+
+    # ------------------------------------------------------------------ state
+    def init(self, num_pairs: int, dim: int) -> EstimatorState:
+        """Fresh state for ``num_pairs`` antithetic pairs and ``dim`` hyperparameters."""
+        _check_positive_int("num_pairs", num_pairs)
+        _check_positive_int("dim", dim)
+        if self.guided is not None and self.guided.k > dim:
+            raise ValueError(
+                f"guided k={self.guided.k} exceeds the number of hyperparameters dim={dim}; "
+                "expected k <= dim.")
+        zeros_i = tf.zeros([num_pairs], tf.int32)
+        zeros_v = tf.zeros([num_pairs, dim], tf.float32)
+        k = self.guided.k if self.guided is not None else 0
+        return EstimatorState(
+            episode_step=zeros_i, episode=zeros_i, draws=zeros_i, steps=zeros_i,
+            noise=zeros_v, score=zeros_v, accumulator=zeros_v,
+            final_difference=tf.zeros([num_pairs], tf.float32), final_accumulator=zeros_v,
+            guided=guided_lib.init(k, dim), diverged=tf.constant(0, tf.int32))
+
+    def start_offsets(self, num_pairs: int) -> tf.Tensor:
+        """Steps each pair is burned in before the first window (trap 5)."""
+        if not (self.stagger and self.horizon is not None and self.horizon > 1):
+            return tf.zeros([num_pairs], tf.int32)
+        return tf.constant([(p * self.horizon) // num_pairs for p in range(num_pairs)], tf.int32)
+
+    def init_system(self, system: UnrolledSystem, num_pairs: int, seed) -> Any:
+        """Initial system states for ``2 * num_pairs`` particles (episode 0 keys)."""
+        keys = _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_EPISODE,
+                                          tf.range(num_pairs), tf.zeros([num_pairs], tf.int32)))
+        return system.init(keys)
+
+    def push_surrogate(self, state: EstimatorState, surrogate: tf.Tensor) -> EstimatorState:
+        """Adds a surrogate gradient (same parametrization as theta) to the guided FIFO."""
+        if self.guided is None:
+            raise ValueError("push_surrogate() needs an estimator built with guided=GuidedConfig(...).")
+        return state._replace(guided=guided_lib.push(state.guided, surrogate))
+
+    # ------------------------------------------------------------------ windows
+    def burn_in(self, system: UnrolledSystem, system_state, state: EstimatorState,
+                theta: tf.Tensor, seed):
+        """Advances pair ``p`` by ``start_offsets[p]`` uncredited steps.
+
+        The steps use the pair's perturbations and build its accumulator exactly as
+        credited steps would, so later windows stay unbiased; only their losses are not
+        credited. Returns ``(system_state, state)``.
+        """
+        num_pairs = int(state.episode_step.shape[0])
+        offsets = self.start_offsets(num_pairs)
+        longest = int(tf.reduce_max(offsets)) if num_pairs else 0
+        if longest == 0:
+            return system_state, state
+        wait = longest - offsets
+        system_state, state, _ = self._run(system, system_state, state, theta, seed,
+                                           num_steps=longest, wait=wait, credit=False)
+        return system_state, state
+
+    def window(self, system: UnrolledSystem, system_state, state: EstimatorState,
+               theta: tf.Tensor, seed):
+        """Runs one truncated unroll of K steps and estimates the gradient.
+
+        Args:
+            system: The :class:`~keras_es.unrolled.UnrolledSystem`.
+            system_state: Its particles' states.
+            state: This estimator's :class:`EstimatorState`.
+            theta: float32 ``[dim]`` unconstrained hyperparameters.
+            seed: int scalar, the run's seed.
+
+        Returns:
+            ``(system_state, state, WindowResult)``.
+        """
+        num_pairs = state.episode_step.shape[0]
+        return self._run(system, system_state, state, theta, seed,
+                         num_steps=self.truncation_length,
+                         wait=tf.zeros([num_pairs], tf.int32), credit=True)
+
+    # ------------------------------------------------------------------ internals
+    def _draw(self, seed, draws, subspace, dim):
+        """Noise and score for every pair at its current draw count."""
+        num_pairs = draws.shape[0]
+        seeds = noise_lib.pair_seeds(seed, noise_lib.STREAM_PERTURBATION,
+                                     tf.range(num_pairs), draws)
+        if self.guided is None:
+            z = noise_lib.normal_rows(seeds, dim)
+            eps = self.sigma * z
+            return eps, eps
+        z = noise_lib.normal_rows(seeds, dim + self.guided.k)
+        eps = guided_lib.sample(subspace, z[:, :dim], z[:, dim:], self.sigma)
+        if self.guided.weighting == "covariance":
+            return eps, self.guided.beta * eps
+        return eps, guided_lib.inverse_covariance(subspace, eps)
+
+    def _run(self, system, system_state, state, theta, seed, num_steps, wait, credit):
+        theta = tf.convert_to_tensor(theta, tf.float32)
+        dim = int(theta.shape[-1])
+        num_pairs = int(state.episode_step.shape[0])
+        pair_index = tf.range(num_pairs)
+        sign = tf.tile(tf.constant([1.0, -1.0]), [num_pairs])[:, None]
+        subspace = (guided_lib.subspace(state.guided, self.guided.alpha)
+                    if self.guided is not None else None)
+        horizon = self.horizon
+        final = self.objective == "final"
+
+        def meta_losses(sys_state, st):
+            keys = _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_EPISODE, pair_index,
+                                              st.episode))
+            f = system.meta_loss(sys_state, keys)
+            return f[0::2], f[1::2]
+
+        def body(s, sys_state, st, credit_sum, diff_sum, loss_sum, loss_count, invalid, diverged):
+            active = s >= wait
+            episode_start = active & tf.equal(st.episode_step, 0)
+            if self.resample == "episode":
+                draw = episode_start
+            elif self.resample == "window":
+                # Window starts; in a burn-in, every K steps after the pair wakes up.
+                draw = active & tf.equal((s - wait) % self.truncation_length, 0)
+            else:
+                draw = active & tf.equal(st.episode_step % self.resample, 0)
+            eps_new, score_new = tf.cond(
+                tf.reduce_any(draw),
+                lambda: self._draw(seed, st.draws, subspace, dim),
+                lambda: (st.noise, st.score))
+            drawn = draw[:, None]
+            noise = tf.where(drawn, eps_new, st.noise)
+            score = tf.where(drawn, score_new, st.score)
+            if self.accumulate:
+                base = tf.where(episode_start[:, None], 0.0, st.accumulator)
+            else:
+                base = tf.zeros_like(st.accumulator)
+            accumulator = tf.where(
+                drawn, base + score_new,
+                tf.where(episode_start[:, None], score, st.accumulator))
+            st = st._replace(noise=noise, score=score, accumulator=accumulator,
+                             draws=st.draws + tf.cast(draw, tf.int32))
+
+            particle_theta = theta[None, :] + sign * _twin(noise)
+            step_keys = _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_STEP, pair_index,
+                                                   st.steps))
+            new_sys, loss, done = system.step(sys_state, particle_theta, step_keys)
+            loss = tf.reshape(tf.cast(loss, tf.float32), [2 * num_pairs])
+            sys_state = select(_twin(active), new_sys, sys_state)
+
+            plus, minus = loss[0::2], loss[1::2]
+            finite = tf.math.is_finite(plus) & tf.math.is_finite(minus)
+            ok = active & finite
+            difference = tf.where(ok, plus - minus, 0.0)
+            if self.clip_loss_difference is not None:
+                c = self.clip_loss_difference
+                difference = tf.clip_by_value(difference, -c, c)
+            if credit and not final:
+                credit_sum += difference[:, None] * accumulator
+            diff_sum += difference
+            loss_sum += tf.reduce_sum(tf.where(ok, plus + minus, 0.0))
+            loss_count += 2.0 * tf.reduce_sum(tf.cast(ok, tf.float32))
+            bad = active & ~finite
+            invalid |= bad
+            diverged += tf.reduce_sum(tf.cast(bad, tf.int32))
+
+            episode_step = st.episode_step + tf.cast(active, tf.int32)
+            ended = tf.zeros_like(active)
+            if horizon is not None:
+                ended = episode_step >= horizon
+            if done is not None:
+                done = tf.reshape(tf.cast(done, tf.bool), [2 * num_pairs])
+                ended = ended | done[0::2] | done[1::2]
+            ended = active & ended & finite
+            st = st._replace(episode_step=episode_step,
+                             steps=st.steps + tf.cast(active, tf.int32))
+
+            if final:
+                # Telescoping at an episode end inside the window: credit the episode's
+                # final difference against the one stored at the previous window end.
+                def telescope_end():
+                    f_plus, f_minus = meta_losses(sys_state, st)
+                    f_ok = tf.math.is_finite(f_plus) & tf.math.is_finite(f_minus)
+                    d = tf.where(f_ok, f_plus - f_minus, 0.0)
+                    part = (d[:, None] * st.accumulator
+                            - st.final_difference[:, None] * st.final_accumulator)
+                    return tf.where((ended & f_ok)[:, None], part, 0.0), ended & ~f_ok
+
+                part, f_bad = tf.cond(tf.reduce_any(ended), telescope_end,
+                                      lambda: (tf.zeros_like(credit_sum), tf.zeros_like(ended)))
+                if credit:
+                    credit_sum += part
+                invalid |= f_bad
+                diverged += tf.reduce_sum(tf.cast(f_bad, tf.int32))
+                bad = bad | f_bad
+                st = st._replace(
+                    final_difference=tf.where(ended | bad, 0.0, st.final_difference),
+                    final_accumulator=tf.where((ended | bad)[:, None], 0.0, st.final_accumulator))
+
+            restart = ended | bad
+            sys_state, st = self._restart(system, sys_state, st, restart, seed, pair_index)
+            return (s + 1, sys_state, st, credit_sum, diff_sum, loss_sum, loss_count,
+                    invalid, diverged)
+
+        zeros_pairs = tf.zeros([num_pairs], tf.float32)
+        carry = (tf.constant(0), system_state, state,
+                 tf.zeros([num_pairs, dim], tf.float32), zeros_pairs,
+                 tf.constant(0.0), tf.constant(0.0),
+                 tf.zeros([num_pairs], tf.bool), tf.constant(0, tf.int32))
+        carry = tf.while_loop(lambda s, *_: s < num_steps, body, carry,
+                              maximum_iterations=num_steps)
+        _, system_state, state, credit_sum, diff_sum, loss_sum, loss_count, invalid, diverged = carry
+
+        meta_mean = tf.constant(float("nan"))
+        if final:
+            # Window-end telescoping term for pairs inside an episode (a pair that has
+            # just restarted is at F_0 = 0 and contributes nothing).
+            f_plus, f_minus = meta_losses(system_state, state)
+            inside = state.episode_step > 0
+            f_ok = tf.math.is_finite(f_plus) & tf.math.is_finite(f_minus)
+            d = tf.where(f_ok, f_plus - f_minus, 0.0)
+            part = d[:, None] * state.accumulator - state.final_difference[:, None] * state.final_accumulator
+            if credit:
+                credit_sum += tf.where((inside & f_ok)[:, None], part, 0.0)
+            state = state._replace(
+                final_difference=tf.where(inside & f_ok, d, 0.0),
+                final_accumulator=tf.where((inside & f_ok)[:, None], state.accumulator, 0.0))
+            f_bad = inside & ~f_ok
+            invalid |= f_bad
+            diverged += tf.reduce_sum(tf.cast(f_bad, tf.int32))
+            system_state, state = self._restart(system, system_state, state, f_bad, seed,
+                                                pair_index)
+            both = tf.concat([f_plus, f_minus], 0)
+            both_ok = tf.concat([f_ok, f_ok], 0)
+            meta_mean = tf.math.divide_no_nan(
+                tf.reduce_sum(tf.where(both_ok, both, 0.0)),
+                tf.reduce_sum(tf.cast(both_ok, tf.float32)))
+
+        valid = ~invalid
+        valid_count = tf.reduce_sum(tf.cast(valid, tf.int32))
+        credit_sum = tf.where(valid[:, None], credit_sum, 0.0)
+        gradient = tf.reduce_sum(credit_sum, 0) / (
+            2.0 * self.sigma ** 2 * tf.cast(tf.maximum(valid_count, 1), tf.float32))
+        if self.normalize:
+            spread = _masked_std(diff_sum, valid)
+            gradient = tf.math.divide_no_nan(gradient, spread)
+        gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
+        state = state._replace(diverged=state.diverged + diverged)
+        result = WindowResult(
+            gradient=gradient,
+            loss=tf.math.divide_no_nan(loss_sum, loss_count),
+            meta_loss=meta_mean,
+            valid_pairs=valid_count,
+            diverged_pairs=diverged)
+        return system_state, state, result
+
+    def _restart(self, system, sys_state, st, restart, seed, pair_index):
+        """Starts a new episode for the pairs in ``restart`` (both twins, same key)."""
+        episode = st.episode + tf.cast(restart, tf.int32)
+        keys = _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_EPISODE, pair_index, episode))
+        sys_state = tf.cond(tf.reduce_any(restart),
+                            lambda: system.reset(sys_state, _twin(restart), keys),
+                            lambda: sys_state)
+        st = st._replace(episode=episode,
+                         episode_step=tf.where(restart, 0, st.episode_step))
+        return sys_state, st
+
+
+# ---------------------------------------------------------------------- factories
+def full_es(sigma: float, horizon: int, objective: str = "sum", **kwargs) -> Estimator:
+    """Full-unroll ES: one perturbation per pair, one whole episode per estimate.
+
+    Unbiased for the Gaussian-smoothed objective; one update every ``horizon`` steps.
+    """
+    _check_positive_int("horizon", horizon)
+    return Estimator("full_es", sigma, truncation_length=horizon, horizon=horizon,
+                     resample="episode", accumulate=False, objective=objective,
+                     stagger=False, **kwargs)
+
+
+def truncated_es(sigma: float, truncation_length: int, horizon: int | None = None,
+                 objective: str = "sum", **kwargs) -> Estimator:
+    """Truncated ES: fresh noise each window, credited only to that window.
+
+    Biased: it ignores how the window's start state depends on theta. Provided as the
+    baseline the unbiased estimators are measured against.
+    """
+    return Estimator("truncated_es", sigma, truncation_length, horizon, resample="window",
+                     accumulate=False, objective=objective, **kwargs)
+
+
+def pes(sigma: float, truncation_length: int, horizon: int | None = None,
+        resample_interval: int | None = None, objective: str = "sum", **kwargs) -> Estimator:
+    """Persistent ES (Vicol et al., 2021): fresh noise each window (or every
+    ``resample_interval`` = M steps of the episode), accumulated over the episode.
+
+    Unbiased for the PES-smoothed objective. ``resample_interval=1`` is per-step PES;
+    ``resample_interval >= horizon`` is ES-Single.
+    """
+    resample = "window" if resample_interval is None else resample_interval
+    return Estimator("pes", sigma, truncation_length, horizon, resample=resample,
+                     accumulate=True, objective=objective, **kwargs)
+
+
+def es_single(sigma: float, truncation_length: int, horizon: int | None = None,
+              objective: str = "sum", **kwargs) -> Estimator:
+    """ES-Single / Noise-Reuse ES (Li et al., 2023): one perturbation per pair and
+    episode, reused in every window.
+
+    Unbiased for the same smoothed objective as full ES, with a variance that does not
+    grow with the number of windows. Its online estimates over an episode sum to the
+    full-unroll ES estimate on the same noise.
+    """
+    return Estimator("es_single", sigma, truncation_length, horizon, resample="episode",
+                     accumulate=False, objective=objective, **kwargs)
+
+
+ESTIMATORS = {"full_es": full_es, "truncated_es": truncated_es, "pes": pes,
+              "es_single": es_single}
+
+
+# ---------------------------------------------------------------------- helpers
+def _twin(x: tf.Tensor) -> tf.Tensor:
+    """Repeats per-pair rows for the two twins: ``[pairs, ...] -> [2 pairs, ...]``."""
+    return tf.repeat(x, 2, axis=0)
+
+
+def _masked_std(x, mask):
+    m = tf.cast(mask, tf.float32)
+    n = tf.maximum(tf.reduce_sum(m), 1.0)
+    mean = tf.reduce_sum(x * m) / n
+    return tf.sqrt(tf.reduce_sum(tf.square(x - mean) * m) / n)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer.")
+
+
+def _check_positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or value != value or value == float("inf"):
+        raise ValueError(f"{name}={value!r} is invalid; expected a finite number > 0.")

@@ -1,0 +1,66 @@
+"""Counter-based perturbation noise.
+
+Every random number keras_es draws is a pure function of integers: the user's seed,
+the index of a particle pair and a per-pair draw counter. Any device that knows those
+integers can regenerate a pair's perturbation without receiving it, which is what lets
+particles be sharded across replicas with only losses crossing devices.
+
+TensorFlow's stateless ops take a single seed per call; to give each pair its own seed
+without a Python loop over particles we vectorize the stateless op over a batch of
+seeds. Under XLA that compiles to one fused kernel (about 0.2 ms for 1,000 pairs on two
+CPU cores); without XLA TensorFlow falls back to a graph loop, so the helper below is
+always compiled with XLA.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+# Distinct streams, so noise, data/dropout keys and re-initialization keys never
+# coincide even when their counters do.
+STREAM_PERTURBATION = 1
+STREAM_STEP = 2
+STREAM_EPISODE = 3
+
+
+def pair_seeds(seed: tf.Tensor | int, stream: int, pair_index: tf.Tensor,
+               counter: tf.Tensor) -> tf.Tensor:
+    """Stateless seeds of shape ``[num_pairs, 2]`` for (seed, stream, pair, counter).
+
+    Args:
+        seed: The user's integer seed (scalar).
+        stream: One of the ``STREAM_*`` constants.
+        pair_index: int32 ``[num_pairs]``, the global index of each pair.
+        counter: int32 ``[num_pairs]`` (or scalar), e.g. a draw count or a step.
+
+    Returns:
+        int32 ``[num_pairs, 2]`` seeds for ``tf.random.stateless_*`` ops.
+    """
+    pair_index = tf.cast(pair_index, tf.int32)
+    counter = tf.broadcast_to(tf.cast(counter, tf.int32), tf.shape(pair_index))
+    base = tf.stack([tf.cast(seed, tf.int32), tf.constant(stream, tf.int32)])
+    return _fold_pairs(base, pair_index, counter)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _fold_pairs(base, pair_index, counter):
+    def one(args):
+        index, count = args
+        key = tf.random.experimental.stateless_fold_in(base, index)
+        return tf.random.experimental.stateless_fold_in(key, count)
+
+    return tf.vectorized_map(one, (pair_index, counter))
+
+
+@tf.function(jit_compile=True)
+def _normal_rows(seeds, dim):
+    return tf.vectorized_map(lambda s: tf.random.stateless_normal([dim], seed=s), seeds)
+
+
+def normal_rows(seeds: tf.Tensor, dim: int) -> tf.Tensor:
+    """Standard normal ``[num_pairs, dim]`` float32 noise, one row per seed.
+
+    Row ``i`` depends only on ``seeds[i]``, so a shard of the rows can be regenerated
+    anywhere from its seeds alone.
+    """
+    return _normal_rows(seeds, int(dim))
