@@ -124,6 +124,8 @@ class WindowResult(NamedTuple):
         meta_loss: Mean meta-loss at window end (``objective="final"``; else NaN).
         valid_pairs: int32, pairs whose window was finite and credited.
         diverged_pairs: int32, pairs reset in this window after a non-finite loss.
+        pair_gradients: float32 ``[pairs, dim]``, each pair's own estimate (zeros for
+            invalid pairs); ``gradient`` is their mean over valid pairs.
     """
 
     gradient: tf.Tensor
@@ -131,6 +133,7 @@ class WindowResult(NamedTuple):
     meta_loss: tf.Tensor
     valid_pairs: tf.Tensor
     diverged_pairs: tf.Tensor
+    pair_gradients: tf.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,9 +421,9 @@ class Estimator:
 
         valid = ~invalid
         valid_count = tf.reduce_sum(tf.cast(valid, tf.int32))
-        credit_sum = tf.where(valid[:, None], credit_sum, 0.0)
-        gradient = tf.reduce_sum(credit_sum, 0) / (
-            2.0 * self.sigma ** 2 * tf.cast(tf.maximum(valid_count, 1), tf.float32))
+        pair_gradients = tf.where(valid[:, None], credit_sum, 0.0) / (2.0 * self.sigma ** 2)
+        gradient = tf.reduce_sum(pair_gradients, 0) / tf.cast(tf.maximum(valid_count, 1),
+                                                             tf.float32)
         if self.normalize:
             spread = _masked_std(diff_sum, valid)
             gradient = tf.math.divide_no_nan(gradient, spread)
@@ -431,7 +434,8 @@ class Estimator:
             loss=tf.math.divide_no_nan(loss_sum, loss_count),
             meta_loss=meta_mean,
             valid_pairs=valid_count,
-            diverged_pairs=diverged)
+            diverged_pairs=diverged,
+            pair_gradients=pair_gradients)
         return system_state, state, result
 
     def _restart(self, system, sys_state, st, restart, seed, pair_index):
