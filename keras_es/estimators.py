@@ -184,7 +184,8 @@ class Estimator:
         else:
             _check_positive_int("resample", self.resample)
         if self.objective not in _OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r} is invalid; expected one of {_OBJECTIVES}.")
+            raise ValueError(
+                f"objective={self.objective!r} is invalid; expected one of {_OBJECTIVES}.")
         if self.clip_loss_difference is not None:
             _check_positive_float("clip_loss_difference", self.clip_loss_difference)
         if self.guided is not None and not isinstance(self.guided, GuidedConfig):
@@ -223,7 +224,8 @@ class Estimator:
     def push_surrogate(self, state: EstimatorState, surrogate: tf.Tensor) -> EstimatorState:
         """Adds a surrogate gradient (same parametrization as theta) to the guided FIFO."""
         if self.guided is None:
-            raise ValueError("push_surrogate() needs an estimator built with guided=GuidedConfig(...).")
+            raise ValueError(
+                "push_surrogate() needs an estimator built with guided=GuidedConfig(...).")
         return state._replace(guided=guided_lib.push(state.guided, surrogate))
 
     # ------------------------------------------------------------------ windows
@@ -362,11 +364,7 @@ class Estimator:
                 # Telescoping at an episode end inside the window: credit the episode's
                 # final difference against the one stored at the previous window end.
                 def telescope_end():
-                    f_plus, f_minus = meta_losses(sys_state, st)
-                    f_ok = tf.math.is_finite(f_plus) & tf.math.is_finite(f_minus)
-                    d = tf.where(f_ok, f_plus - f_minus, 0.0)
-                    part = (d[:, None] * st.accumulator
-                            - st.final_difference[:, None] * st.final_accumulator)
+                    _, part, f_ok = _telescoped(st, *meta_losses(sys_state, st))
                     return tf.where((ended & f_ok)[:, None], part, 0.0), ended & ~f_ok
 
                 part, f_bad = tf.cond(tf.reduce_any(ended), telescope_end,
@@ -392,7 +390,8 @@ class Estimator:
                  tf.zeros([num_pairs], tf.bool), tf.constant(0, tf.int32))
         carry = tf.while_loop(lambda s, *_: s < num_steps, body, carry,
                               maximum_iterations=num_steps)
-        _, system_state, state, credit_sum, diff_sum, loss_sum, loss_count, invalid, diverged = carry
+        (_, system_state, state, credit_sum, diff_sum, loss_sum, loss_count, invalid,
+         diverged) = carry
 
         meta_mean = tf.constant(float("nan"))
         if final:
@@ -400,9 +399,7 @@ class Estimator:
             # just restarted is at F_0 = 0 and contributes nothing).
             f_plus, f_minus = meta_losses(system_state, state)
             inside = state.episode_step > 0
-            f_ok = tf.math.is_finite(f_plus) & tf.math.is_finite(f_minus)
-            d = tf.where(f_ok, f_plus - f_minus, 0.0)
-            part = d[:, None] * state.accumulator - state.final_difference[:, None] * state.final_accumulator
+            d, part, f_ok = _telescoped(state, f_plus, f_minus)
             if credit:
                 credit_sum += tf.where((inside & f_ok)[:, None], part, 0.0)
             state = state._replace(
@@ -507,6 +504,19 @@ ESTIMATORS = {"full_es": full_es, "truncated_es": truncated_es, "pes": pes,
 def _twin(x: tf.Tensor) -> tf.Tensor:
     """Repeats per-pair rows for the two twins: ``[pairs, ...] -> [2 pairs, ...]``."""
     return tf.repeat(x, 2, axis=0)
+
+
+def _telescoped(state, f_plus, f_minus):
+    """Telescoping term ``dF_j xi_j - dF_{j-1} xi_{j-1}`` per pair.
+
+    Returns ``(dF_j, term, finite)`` where ``finite`` marks pairs whose meta-losses are
+    finite (the others get ``dF_j = 0`` and must not be credited).
+    """
+    finite = tf.math.is_finite(f_plus) & tf.math.is_finite(f_minus)
+    difference = tf.where(finite, f_plus - f_minus, 0.0)
+    term = (difference[:, None] * state.accumulator
+            - state.final_difference[:, None] * state.final_accumulator)
+    return difference, term, finite
 
 
 def _masked_std(x, mask):

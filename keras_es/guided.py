@@ -66,7 +66,6 @@ def push(state: GuidedState, surrogate: tf.Tensor) -> GuidedState:
     A non-finite surrogate is stored as zeros, which :func:`subspace` then ignores.
     """
     surrogate = tf.cast(tf.reshape(surrogate, [1, -1]), tf.float32)
-    surrogate = tf.where(tf.math.is_finite(surrogate), surrogate, 0.0)
     surrogate = tf.where(tf.reduce_all(tf.math.is_finite(surrogate)), surrogate, 0.0)
     rows = tf.concat([surrogate, state.surrogates[:-1]], axis=0)
     k = tf.shape(state.surrogates)[0]

@@ -186,7 +186,8 @@ class SearchSpace:
         names = [h.name for h in hyperparameters]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"hyperparameters has duplicate names {duplicates}; names must be unique.")
+            raise ValueError(
+                f"hyperparameters has duplicate names {duplicates}; names must be unique.")
         self.hyperparameters = hyperparameters
 
     @property
@@ -222,7 +223,8 @@ class SearchSpace:
         theta = np.asarray(theta, np.float64)
         if theta.shape[-1] != self.dim:
             raise ValueError(f"theta has shape {theta.shape}; expected last dimension {self.dim}.")
-        out = {h.name: h.transform.decode(theta[..., i]) for i, h in enumerate(self.hyperparameters)}
+        out = {h.name: h.transform.decode(theta[..., i])
+               for i, h in enumerate(self.hyperparameters)}
         if theta.ndim == 1:
             out = {k: float(v) for k, v in out.items()}
         return out

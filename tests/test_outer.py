@@ -1,0 +1,83 @@
+"""MetaTrainer: the outer loop on influence balancing, checkpoints, search spaces."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_es
+from keras_es.systems import influence_balancing, steady_state_optimum
+
+
+@pytest.fixture(scope="module")
+def system():
+    return influence_balancing()
+
+
+def test_influence_balancing_optimum():
+    np.testing.assert_allclose(steady_state_optimum(influence_balancing()), -1.0 / 6.0)
+
+
+@pytest.mark.parametrize("name, direction", [("pes", -1), ("es_single", -1),
+                                             ("truncated_es", +1)])
+def test_influence_balancing_direction(system, name, direction):
+    """From theta = 0.5 the true optimum (-1/6) is below; truncated ES goes up."""
+    estimator = keras_es.ESTIMATORS[name](sigma=0.1, truncation_length=1)
+    trainer = keras_es.MetaTrainer(system, estimator, [0.5], 200,
+                                   optimizer=keras.optimizers.SGD(1e-4), seed=1)
+    trainer.train(150)
+    moved = trainer.theta_value[0] - 0.5
+    assert np.sign(moved) == direction and abs(moved) > 0.01, moved
+
+
+def test_checkpoint_resume_reproduces_trajectory(system, tmp_path):
+    def build():
+        return keras_es.MetaTrainer(
+            system, keras_es.es_single(0.1, 2, horizon=7), [0.5], 16,
+            optimizer=keras.optimizers.Adam(1e-2), seed=3)
+
+    straight = build()
+    straight.train(4)
+    path = straight.save(str(tmp_path / "ckpt"))
+    expected = straight.train(4)["theta_0"]
+
+    resumed = build()
+    resumed.restore(path)
+    assert int(resumed.outer_step.numpy()) == 4
+    got = resumed.train(4)["theta_0"]
+    np.testing.assert_array_equal(got, expected)
+    assert resumed.optimizer.iterations.numpy() == straight.optimizer.iterations.numpy()
+
+
+def test_search_space_values_and_logs(system):
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("theta", 0.5, "identity")])
+    trainer = keras_es.MetaTrainer(system, keras_es.pes(0.1, 1), space, 8)
+    history = trainer.train(2, verbose=1)
+    assert set(history) >= {"loss", "meta_loss", "gradient_norm", "valid_pairs",
+                            "diverged_pairs", "outer_step", "theta"}
+    assert history["outer_step"] == [1, 2]
+    assert trainer.values == {"theta": pytest.approx(history["theta"][-1])}
+
+
+def test_guided_trainer_pushes_surrogates(system):
+    calls = []
+
+    def surrogate(theta, step):
+        calls.append(1)  # traced once
+        return tf.ones_like(theta) * tf.cast(step + 1, tf.float32)
+
+    estimator = keras_es.es_single(0.1, 1, guided=keras_es.GuidedConfig(k=1, alpha=0.5))
+    trainer = keras_es.MetaTrainer(system, estimator, [0.5], 8, surrogate=surrogate)
+    trainer.train(3)
+    state = trainer.state
+    assert int(state.guided.count) == 1
+    np.testing.assert_allclose(state.guided.surrogates.numpy(), [[3.0]])
+    assert len(calls) == 1
+
+
+def test_step_is_traced_once(system):
+    trainer = keras_es.MetaTrainer(system, keras_es.pes(0.1, 2, horizon=5), [0.5], 8)
+    trainer.train(5)
+    assert trainer._step_fn.experimental_get_tracing_count() == 1

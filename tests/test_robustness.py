@@ -1,0 +1,161 @@
+"""Non-finite losses, common random numbers and bad input."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ORACLE_THETA, run_windows
+
+import keras_es
+from keras_es.systems import LinearQuadraticSystem, influence_balancing
+
+PAIRS = 8
+BAD_PARTICLE = 5  # the - twin of pair 2
+
+
+class PoisonedSystem(keras_es.UnrolledSystem):
+    """Wraps a system; particle ``BAD_PARTICLE`` gets a NaN state and an Inf loss at its
+    episode step ``poison_step`` (or never, with ``poison_step=None``)."""
+
+    def __init__(self, inner, poison_step):
+        self.inner, self.poison_step = inner, poison_step
+
+    def init(self, keys):
+        return {"s": self.inner.init(keys), "t": tf.zeros([tf.shape(keys)[0]], tf.int32)}
+
+    def step(self, state, theta, keys):
+        s, loss, _ = self.inner.step(state["s"], theta, keys)
+        t = state["t"] + 1
+        if self.poison_step is not None:
+            hit = (tf.range(tf.shape(t)[0]) == BAD_PARTICLE) & (t == self.poison_step)
+            loss = tf.where(hit, np.inf, loss)
+            s = tf.where(hit[:, None], np.nan, s)
+        return {"s": s, "t": t}, loss, None
+
+    def meta_loss(self, state, keys):
+        return self.inner.meta_loss(state["s"], keys)
+
+
+@pytest.mark.parametrize("objective", ["sum", "final"])
+def test_one_diverging_particle_is_excluded_and_reset(objective, oracle_system):
+    estimator = keras_es.es_single(0.1, 5, horizon=12, objective=objective, stagger=False)
+    clean, _ = run_windows(estimator, PoisonedSystem(oracle_system, None), ORACLE_THETA,
+                           PAIRS, 1)
+    poisoned = PoisonedSystem(oracle_system, 3)
+    trainer = keras_es.MetaTrainer(poisoned, estimator, ORACLE_THETA, 2 * PAIRS,
+                                   optimizer=keras.optimizers.SGD(0.01))
+    logs = trainer.step()
+    assert logs["diverged_pairs"] == 1 and logs["valid_pairs"] == PAIRS - 1
+    assert np.all(np.isfinite(trainer.theta_value))
+    state = trainer.state
+    # Pair 2 restarted at step 3 of the window (new episode, new noise), the others not.
+    assert state.episode.numpy().tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
+    assert state.episode_step.numpy().tolist() == [5, 5, 2, 5, 5, 5, 5, 5]
+    assert state.draws.numpy()[2] == 2
+    assert int(state.diverged) == 1
+    system_state = trainer.system_state
+    assert np.all(np.isfinite(system_state["s"].numpy()))
+    # The estimate is the mean over the other pairs, exactly.
+    others = np.delete(clean, 2, axis=0).mean(0)
+    np.testing.assert_allclose(ORACLE_THETA - 0.01 * others, trainer.theta_value, rtol=1e-5)
+
+
+def test_all_particles_diverging_leaves_theta_unchanged():
+    class AlwaysInf(LinearQuadraticSystem):
+        def step(self, state, theta, keys):
+            state, loss, done = super().step(state, theta, keys)
+            return state, loss + np.inf, done
+
+    base = influence_balancing()
+    system = AlwaysInf(base.A, base.B, H=base.H, y=base.y, s0=base.s0)
+    trainer = keras_es.MetaTrainer(system, keras_es.pes(0.1, 2), [0.5], 4,
+                                   optimizer=keras.optimizers.Adam(0.1))
+    for _ in range(3):
+        logs = trainer.step()
+    assert logs["valid_pairs"] == 0 and logs["gradient_norm"] == 0.0
+    np.testing.assert_array_equal(trainer.theta_value, [0.5])
+
+
+def test_overflowing_update_is_rejected():
+    trainer = keras_es.MetaTrainer(influence_balancing(), keras_es.pes(0.1, 1), [0.5], 64,
+                                   optimizer=keras.optimizers.SGD(1e38))
+    for _ in range(3):
+        trainer.step()
+    assert np.all(np.isfinite(trainer.theta_value))
+
+
+def test_twins_share_keys_common_random_numbers():
+    """A loss that depends only on the step and episode keys gives dL = 0 exactly."""
+
+    class KeyNoise(keras_es.UnrolledSystem):
+        def init(self, keys):
+            return tf.random.stateless_uniform([2], seed=keys[0]) + tf.cast(keys, tf.float32)
+
+        def step(self, state, theta, keys):
+            draw = tf.map_fn(lambda k: tf.random.stateless_uniform([], seed=k),
+                             keys, fn_output_signature=tf.float32)
+            return state, draw + state[:, 0] * 1e-9, None
+
+    totals, results = run_windows(keras_es.pes(0.1, 3, horizon=5), KeyNoise(), [0.0, 0.0],
+                                  16, 4)
+    assert np.all(totals == 0.0)
+    assert float(results[-1].loss) > 0.0
+
+
+def test_clip_and_normalize_keep_direction(oracle_system):
+    plain = keras_es.es_single(0.1, 5, horizon=12)
+    clipped = keras_es.es_single(0.1, 5, horizon=12, clip_loss_difference=1e-3,
+                                 normalize=True)
+    _, a = run_windows(plain, oracle_system, ORACLE_THETA, 2000, 2)
+    _, b = run_windows(clipped, oracle_system, ORACLE_THETA, 2000, 2)
+    ga, gb = a[-1].gradient.numpy(), b[-1].gradient.numpy()
+    assert np.all(np.isfinite(gb))
+    cosine = ga @ gb / np.linalg.norm(ga) / np.linalg.norm(gb)
+    assert cosine > 0.9
+
+
+@pytest.mark.parametrize("factory, kwargs, match", [
+    (keras_es.pes, {"sigma": 0.0, "truncation_length": 5}, "sigma=0.0"),
+    (keras_es.pes, {"sigma": 0.1, "truncation_length": 0}, "truncation_length=0"),
+    (keras_es.pes, {"sigma": 0.1, "truncation_length": 5, "horizon": -1}, "horizon=-1"),
+    (keras_es.pes, {"sigma": 0.1, "truncation_length": 5, "objective": "mean"},
+     "objective='mean'"),
+    (keras_es.pes, {"sigma": 0.1, "truncation_length": 5, "resample_interval": 0},
+     "resample=0"),
+    (keras_es.es_single, {"sigma": float("nan"), "truncation_length": 5}, "sigma=nan"),
+])
+def test_bad_estimator_settings_raise(factory, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        factory(**kwargs)
+
+
+def test_bad_guided_settings_raise():
+    with pytest.raises(ValueError, match="alpha=0.0"):
+        keras_es.GuidedConfig(alpha=0.0)
+    with pytest.raises(ValueError, match="weighting='paper'"):
+        keras_es.GuidedConfig(weighting="paper")
+    with pytest.raises(ValueError, match="k=3 exceeds"):
+        keras_es.es_single(0.1, 2, guided=keras_es.GuidedConfig(k=3)).init(4, 2)
+
+
+def test_bad_trainer_settings_raise():
+    system = influence_balancing()
+    estimator = keras_es.pes(0.1, 1)
+    with pytest.raises(ValueError, match="num_particles=7"):
+        keras_es.MetaTrainer(system, estimator, [0.5], 7)
+    with pytest.raises(ValueError, match="theta="):
+        keras_es.MetaTrainer(system, estimator, [np.nan], 8)
+    with pytest.raises(ValueError, match="surrogate was given"):
+        keras_es.MetaTrainer(system, estimator, [0.5], 8, surrogate=lambda t, s: t)
+
+    class NoMeta(keras_es.UnrolledSystem):
+        def init(self, keys):
+            return tf.zeros([tf.shape(keys)[0]])
+
+        def step(self, state, theta, keys):
+            return state, state, None
+
+    with pytest.raises(ValueError, match="meta_loss"):
+        keras_es.MetaTrainer(NoMeta(), keras_es.pes(0.1, 1, objective="final"), [0.5], 8)
