@@ -6,10 +6,11 @@ integers can regenerate a pair's perturbation without receiving it, which is wha
 particles be sharded across replicas with only losses crossing devices.
 
 TensorFlow's stateless ops take a single seed per call; to give each pair its own seed
-without a Python loop over particles we vectorize the stateless op over a batch of
-seeds. Under XLA that compiles to one fused kernel (about 0.2 ms for 1,000 pairs on two
-CPU cores); without XLA TensorFlow falls back to a graph loop, so the helper below is
-always compiled with XLA.
+without a Python loop over particles we map the stateless op over a batch of seeds
+inside an XLA cluster, which compiles the loop into one kernel (about 0.2 ms for 1,000
+pairs on two CPU cores, against 14 ms for the same graph loop without XLA). The helpers
+below are therefore always compiled with XLA. (``tf.vectorized_map`` has no converter
+for the stateless random ops and falls back to the same loop, with a warning.)
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ def _fold_pairs(base, pair_index, counter):
         key = tf.random.experimental.stateless_fold_in(base, index)
         return tf.random.experimental.stateless_fold_in(key, count)
 
-    return tf.vectorized_map(one, (pair_index, counter))
+    return tf.map_fn(one, (pair_index, counter), fn_output_signature=tf.int32)
 
 
 @tf.function(jit_compile=True)
 def _normal_rows(seeds, dim):
-    return tf.vectorized_map(lambda s: tf.random.stateless_normal([dim], seed=s), seeds)
+    return tf.map_fn(lambda s: tf.random.stateless_normal([dim], seed=s), seeds,
+                     fn_output_signature=tf.float32)
 
 
 def normal_rows(seeds: tf.Tensor, dim: int) -> tf.Tensor:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ORACLE_THETA, expected_totals, run_windows, z_scores
 
 import keras_es
+from keras_es.testing import ORACLE_THETA, expected_totals, run_windows, z_scores
 
 PAIRS = 20_000
 WINDOWS = 6

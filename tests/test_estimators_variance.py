@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_windows
 
 import keras_es
+from keras_es.testing import run_windows
 
 P, T = 4, 16
 PAIRS = 200_000

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ORACLE_THETA, run_windows
 
 import keras_es
 from keras_es.systems import LinearQuadraticSystem, influence_balancing
+from keras_es.testing import ORACLE_THETA, run_windows
 
 PAIRS = 8
 BAD_PARTICLE = 5  # the - twin of pair 2
