@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from keras_es import estimators as es
 from keras_es.systems import LinearQuadraticSystem
+from keras_es.unrolled import UnrolledSystem
 
 ORACLE_THETA = np.array([0.3, -0.2])
 
@@ -102,3 +104,64 @@ def z_scores(totals, expected):
     n = residual.shape[0]
     se = residual.std(axis=0, ddof=1) / np.sqrt(n)
     return residual.mean(axis=0) / se
+
+
+def oracle_estimators(sigma: float, truncation_length: int, horizon: int) -> dict:
+    """``{name: factory(objective) -> Estimator}`` for every unbiased configuration:
+    full ES, ES-Single (staggered or not), PES with window, per-step, M = 3 and M >= T
+    resampling, and guided ES-Single / PES (unbiased ``Sigma^-1 eps`` weighting)."""
+    s, k, t = sigma, truncation_length, horizon
+    guided = es.GuidedConfig(k=1, alpha=0.5)
+    return {
+        "full_es": lambda obj: es.full_es(s, horizon=t, objective=obj),
+        "es_single": lambda obj: es.es_single(s, k, horizon=t, objective=obj),
+        "es_single_unstaggered": lambda obj: es.es_single(s, k, horizon=t, objective=obj,
+                                                          stagger=False),
+        "pes": lambda obj: es.pes(s, k, horizon=t, objective=obj),
+        "pes_M1": lambda obj: es.pes(s, k, horizon=t, resample_interval=1, objective=obj),
+        "pes_M3": lambda obj: es.pes(s, k, horizon=t, resample_interval=3, objective=obj),
+        "pes_M_ge_T": lambda obj: es.pes(s, k, horizon=t, resample_interval=t, objective=obj),
+        "guided_es_single": lambda obj: es.es_single(s, k, horizon=t, objective=obj,
+                                                     guided=guided),
+        "guided_pes": lambda obj: es.pes(s, k, horizon=t, objective=obj, guided=guided),
+    }
+
+
+class MemorylessSystem(UnrolledSystem):
+    """Step t's loss is ``0.5 ||theta - a_t||^2`` with ``a_t = targets[t]``.
+
+    Per-step gradients ``theta - a_t`` are independent across steps: the case where
+    PES's variance grows with the number of windows while ES-Single's does not.
+    """
+
+    def __init__(self, targets):
+        self.targets = tf.constant(targets, tf.float32)
+
+    def init(self, keys):
+        return tf.zeros([tf.shape(keys)[0]], tf.int32)
+
+    def step(self, state, theta, keys):
+        target = tf.gather(self.targets, state)
+        return state + 1, 0.5 * tf.reduce_sum(tf.square(theta - target), axis=-1), None
+
+
+def es_total_variance(gradient) -> float:
+    """Closed-form total variance of one pair's ES / ES-Single estimate on a quadratic:
+    ``(P + 1) ||g||^2``."""
+    g = np.asarray(gradient, np.float64)
+    return float((g.size + 1) * np.sum(g ** 2))
+
+
+def pes_total_variance(window_gradients) -> float:
+    """Closed-form total variance of one pair's per-episode PES estimate when window j's
+    loss depends only on window j's noise: ``sum_j (P + 1 + (j - 1) P) ||g_j||^2``."""
+    g = np.asarray(window_gradients, np.float64)
+    p = g.shape[1]
+    return float(sum((p + 1 + j * p) * np.sum(gj ** 2) for j, gj in enumerate(g)))
+
+
+def total_variance(totals) -> tuple[float, float]:
+    """Sample total variance of per-pair estimates ``[pairs, dim]`` and its standard error."""
+    centred = totals - totals.mean(0)
+    per_pair = np.sum(centred ** 2, axis=1)
+    return float(per_pair.mean()), float(per_pair.std(ddof=1) / np.sqrt(len(per_pair)))

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 import keras_es
-from keras_es.testing import ORACLE_THETA, expected_totals, run_windows, z_scores
+from keras_es.testing import (
+    ORACLE_THETA,
+    expected_totals,
+    oracle_estimators,
+    run_windows,
+    z_scores,
+)
 
 PAIRS = 20_000
 WINDOWS = 6
@@ -21,23 +27,8 @@ SIGMA = 0.1
 # episodes end mid-window (trap 3); staggered starts put every phase in play (trap 5).
 T, K = 12, 5
 
-GUIDED = keras_es.GuidedConfig(k=1, alpha=0.5)
 SURROGATE = [1.0, 0.5]
-
-CASES = {
-    "full_es": lambda obj: keras_es.full_es(SIGMA, horizon=T, objective=obj),
-    "es_single": lambda obj: keras_es.es_single(SIGMA, K, horizon=T, objective=obj),
-    "pes": lambda obj: keras_es.pes(SIGMA, K, horizon=T, objective=obj),
-    "pes_M1": lambda obj: keras_es.pes(SIGMA, K, horizon=T, resample_interval=1, objective=obj),
-    "pes_M3": lambda obj: keras_es.pes(SIGMA, K, horizon=T, resample_interval=3, objective=obj),
-    "pes_M_ge_T": lambda obj: keras_es.pes(SIGMA, K, horizon=T, resample_interval=T,
-                                           objective=obj),
-    "es_single_unstaggered": lambda obj: keras_es.es_single(SIGMA, K, horizon=T, objective=obj,
-                                                            stagger=False),
-    "guided_es_single": lambda obj: keras_es.es_single(SIGMA, K, horizon=T, objective=obj,
-                                                       guided=GUIDED),
-    "guided_pes": lambda obj: keras_es.pes(SIGMA, K, horizon=T, objective=obj, guided=GUIDED),
-}
+CASES = oracle_estimators(SIGMA, K, T)
 
 
 @pytest.mark.parametrize("objective", ["sum", "final"])

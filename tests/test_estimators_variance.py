@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_es
+from keras_es import testing
 from keras_es.testing import run_windows
 
 P, T = 4, 16
@@ -22,32 +22,11 @@ PAIRS = 200_000
 SIGMA = 0.1
 
 
-class MemorylessSystem(keras_es.UnrolledSystem):
-    """Step t's loss is ``0.5 ||theta - a_t||^2``: independent per-step gradients."""
-
-    def __init__(self, targets):
-        self.targets = tf.constant(targets, tf.float32)
-
-    def init(self, keys):
-        return tf.zeros([tf.shape(keys)[0]], tf.int32)
-
-    def step(self, state, theta, keys):
-        target = tf.gather(self.targets, state)
-        loss = 0.5 * tf.reduce_sum(tf.square(theta - target), axis=-1)
-        return state + 1, loss, None
-
-
 @pytest.fixture(scope="module")
 def system_and_gradients():
     targets = np.random.default_rng(0).normal(size=(T, P))
     # At theta = 0 the gradient of step t's loss is -a_t.
-    return MemorylessSystem(targets), -targets
-
-
-def _variance(totals):
-    centred = totals - totals.mean(0)
-    per_pair = np.sum(centred ** 2, axis=1)
-    return per_pair.mean(), per_pair.std(ddof=1) / np.sqrt(len(per_pair))
+    return testing.MemorylessSystem(targets), -targets
 
 
 def _check(variance, se, theory):
@@ -73,8 +52,8 @@ def test_es_single_variance_is_p_plus_one_norm_squared(k, es_single_totals,
                                                        system_and_gradients):
     _, grads = system_and_gradients
     g = grads.sum(0)
-    variance, se = _variance(es_single_totals[k])
-    _check(variance, se, (P + 1) * np.sum(g ** 2))
+    variance, se = testing.total_variance(es_single_totals[k])
+    _check(variance, se, testing.es_total_variance(g))
 
 
 def test_es_single_online_sum_equals_full_unroll_es(es_single_totals, system_and_gradients):
@@ -92,9 +71,8 @@ def pes_variances(system_and_gradients):
     for k in (1, 4, 16):
         estimator = keras_es.pes(SIGMA, k, horizon=T, stagger=False)
         totals, _ = run_windows(estimator, system, np.zeros(P), PAIRS, T // k, seed=11)
-        window_grads = grads.reshape(T // k, k, P).sum(1)
-        theory = sum((P + 1 + j * P) * np.sum(gj ** 2) for j, gj in enumerate(window_grads))
-        out[k] = (*_variance(totals), theory)
+        theory = testing.pes_total_variance(grads.reshape(T // k, k, P).sum(1))
+        out[k] = (*testing.total_variance(totals), theory)
     return out
 
 
@@ -106,7 +84,7 @@ def test_pes_variance_matches_closed_form(k, pes_variances):
 
 def test_pes_variance_grows_with_windows_es_single_does_not(pes_variances, es_single_totals):
     pes = {k: pes_variances[k][0] for k in (1, 4, 16)}
-    es = {k: _variance(es_single_totals[k])[0] for k in (1, 4, 16)}
+    es = {k: testing.total_variance(es_single_totals[k])[0] for k in (1, 4, 16)}
     # 16 windows of one step vs one window of 16 steps.
     assert pes[1] > 5.0 * pes[16]
     assert pes[4] > 1.5 * pes[16]
