@@ -4,7 +4,7 @@ Unbiased gradient estimates of hyperparameters through long training runs, from 
 truncated unrolls: PES, ES-Single (noise reuse), Guided ES and telescoping sums.
 """
 
-from keras_es import guided, noise, transforms
+from keras_es import guided, noise, systems, transforms
 from keras_es.estimators import (
     ESTIMATORS,
     Estimator,
@@ -38,6 +38,7 @@ __all__ = [
     "noise",
     "pes",
     "select",
+    "systems",
     "transforms",
     "truncated_es",
 ]

@@ -5,26 +5,23 @@ non-finite guards that compose with every one of them.
 One mechanism covers all estimators. Each antithetic pair ``p`` keeps
 
 * its noise ``eps_p`` (the perturbation currently applied: ``+eps`` to particle ``2p``,
-  ``-eps`` to particle ``2p + 1``) and its *score* ``C^-1 eps_p`` (``C`` is the noise
-  covariance over ``sigma^2``; ``C = I`` unless guided);
+  ``-eps`` to particle ``2p + 1``) and its *score*, the weight its loss differences are
+  credited with: ``eps_p`` (vanilla), ``Sigma^-1 eps_p`` or ``beta eps_p`` (guided);
 * an accumulator ``xi_p``: the sum of the scores of every perturbation applied since
   the pair's episode began (PES), or just the current one (ES-Single, truncated ES).
 
 The estimators differ only in *when* noise is redrawn and whether ``xi`` accumulates:
 
-============== ======================================= ==============================
-estimator      new noise                               ``xi``
-============== ======================================= ==============================
-full_es        at episode start; window = episode      current score
-truncated_es   at every window start                   current score (biased)
-pes            at every window start                   sum over the episode
-resample=M     every M steps of the within-episode     sum over the episode
-               counter
-es_single      at episode start                        current score
-============== ======================================= ==============================
+| estimator | new noise | ``xi`` |
+|---|---|---|
+| `full_es` | at episode start; window = episode | current score |
+| `truncated_es` | at every window start | current score (biased) |
+| `pes` | at every window start | sum over the episode |
+| `pes(resample_interval=M)` | every M steps of the within-episode counter | sum over the episode |
+| `es_single` | at episode start | current score |
 
 Convention (trap 6): a window's loss is the **sum** of its per-step losses, and the
-estimate is the **mean over valid pairs**::
+estimate is the **mean over valid pairs**:
 
     g = 1 / (2 sigma^2 pairs) * sum_p sum_steps (l_+ - l_-) xi_p
 
@@ -33,7 +30,7 @@ per-step losses. With ``objective="final"`` the window's credit is the telescope
 difference ``dF_j xi_j - dF_{j-1} xi_{j-1}`` of the meta-loss at window ends, which sums
 over an episode to ``dF_T xi_T``: unbiased for the final loss.
 
-Everything is a pure function of explicit state (:class:`EstimatorState`), traced
+Everything is a pure function of explicit state (`EstimatorState`), traced
 once under ``tf.function`` with a graph loop over steps and no Python loop over
 particles.
 """
@@ -61,17 +58,20 @@ class GuidedConfig:
         k: Number of surrogate gradients kept in the FIFO.
         alpha: Share of the variance spent isotropically, in ``(0, 1]``.
         beta: Scale of the estimate with ``weighting="covariance"``.
-        weighting: ``"inverse_covariance"`` (default) credits ``Sigma^-1 eps``, which
-            keeps every estimator unbiased for the gradient (the only choice that keeps
-            guided PES and guided ES-Single unbiased, since ``Sigma`` changes between
-            draws). ``"covariance"`` credits ``beta * eps`` as in the Guided ES paper:
-            ``E[g] = beta Sigma grad``, a descent direction, not the gradient.
+        weighting: ``"covariance"`` (default) credits ``beta * eps`` as in the Guided ES
+            paper: ``E[g] = beta Sigma grad``, a descent direction concentrated on the
+            surrogate subspace, not the gradient itself. ``"inverse_covariance"``
+            credits ``Sigma^-1 eps``, which keeps every estimator, guided PES and guided
+            ES-Single included, unbiased for the gradient, at a price: one pair's total
+            variance is ``(g^T Sigma g) tr(Sigma^-1) + ||g||^2``, far above vanilla ES's
+            ``(P + 1) ||g||^2`` when ``Sigma`` is anisotropic (``tr(Sigma^-1)`` grows
+            like ``P^2 / alpha``).
     """
 
     k: int = 1
     alpha: float = 0.5
     beta: float = 2.0
-    weighting: str = "inverse_covariance"
+    weighting: str = "covariance"
 
     def __post_init__(self):
         if not (isinstance(self.k, int) and self.k >= 1):
@@ -98,7 +98,7 @@ class EstimatorState(NamedTuple):
         accumulator: float32 ``[pairs, dim]``, ``xi``.
         final_difference: float32, ``F_+ - F_-`` at the last window end (telescoping).
         final_accumulator: float32 ``[pairs, dim]``, ``xi`` at the last window end.
-        guided: :class:`keras_es.guided.GuidedState` (``k = 0`` when unguided).
+        guided: `GuidedState` (``k = 0`` when unguided).
         diverged: int32 scalar, pairs reset after a non-finite loss, in total.
     """
 
@@ -153,10 +153,12 @@ class Estimator:
         objective: ``"sum"`` of per-step losses, or the telescoped ``"final"`` meta-loss.
         stagger: Spread the pairs' start steps evenly over the horizon and burn them in
             (trap 5), so resets do not line up.
-        guided: Optional :class:`GuidedConfig`.
-        clip_loss_difference: Optional bound on each per-step ``|l_+ - l_-|``.
-        normalize: Divide the estimate by the spread (std over pairs) of the pairs'
-            window loss differences, making the step size scale-free.
+        guided: Optional `GuidedConfig`.
+        clip_loss_difference: Optional bound on each credited difference: per-step
+            ``|l_+ - l_-|`` (``"sum"``) or window-end ``|F_+ - F_-|`` (``"final"``).
+        normalize: Divide the estimate by the spread (std over valid pairs) of the
+            pairs' credited differences in the window (summed per-step differences, or
+            the window-end meta-loss differences), making the step size scale-free.
     """
 
     name: str
@@ -252,9 +254,9 @@ class Estimator:
         """Runs one truncated unroll of K steps and estimates the gradient.
 
         Args:
-            system: The :class:`~keras_es.unrolled.UnrolledSystem`.
+            system: The `UnrolledSystem`.
             system_state: Its particles' states.
-            state: This estimator's :class:`EstimatorState`.
+            state: This estimator's `EstimatorState`.
             theta: float32 ``[dim]`` unconstrained hyperparameters.
             seed: int scalar, the run's seed.
 
@@ -364,7 +366,8 @@ class Estimator:
                 # Telescoping at an episode end inside the window: credit the episode's
                 # final difference against the one stored at the previous window end.
                 def telescope_end():
-                    _, part, f_ok = _telescoped(st, *meta_losses(sys_state, st))
+                    _, part, f_ok = _telescoped(st, *meta_losses(sys_state, st),
+                                                self.clip_loss_difference)
                     return tf.where((ended & f_ok)[:, None], part, 0.0), ended & ~f_ok
 
                 part, f_bad = tf.cond(tf.reduce_any(ended), telescope_end,
@@ -399,7 +402,9 @@ class Estimator:
             # just restarted is at F_0 = 0 and contributes nothing).
             f_plus, f_minus = meta_losses(system_state, state)
             inside = state.episode_step > 0
-            d, part, f_ok = _telescoped(state, f_plus, f_minus)
+            d, part, f_ok = _telescoped(state, f_plus, f_minus, self.clip_loss_difference)
+            # The spread used by ``normalize`` is that of the credited differences.
+            diff_sum = tf.where(inside & f_ok, d, 0.0)
             if credit:
                 credit_sum += tf.where((inside & f_ok)[:, None], part, 0.0)
             state = state._replace(
@@ -454,6 +459,10 @@ def full_es(sigma: float, horizon: int, objective: str = "sum", **kwargs) -> Est
     Unbiased for the Gaussian-smoothed objective; one update every ``horizon`` steps.
     """
     _check_positive_int("horizon", horizon)
+    for fixed in ("stagger", "truncation_length", "resample", "accumulate"):
+        if fixed in kwargs:
+            raise ValueError(f"full_es() sets {fixed} itself (got {fixed}={kwargs[fixed]!r}): "
+                             "one window is one whole, unstaggered episode.")
     return Estimator("full_es", sigma, truncation_length=horizon, horizon=horizon,
                      resample="episode", accumulate=False, objective=objective,
                      stagger=False, **kwargs)
@@ -506,14 +515,17 @@ def _twin(x: tf.Tensor) -> tf.Tensor:
     return tf.repeat(x, 2, axis=0)
 
 
-def _telescoped(state, f_plus, f_minus):
+def _telescoped(state, f_plus, f_minus, clip):
     """Telescoping term ``dF_j xi_j - dF_{j-1} xi_{j-1}`` per pair.
 
     Returns ``(dF_j, term, finite)`` where ``finite`` marks pairs whose meta-losses are
-    finite (the others get ``dF_j = 0`` and must not be credited).
+    finite (the others get ``dF_j = 0`` and must not be credited). ``dF_j`` is clipped
+    to ``[-clip, clip]`` when ``clip`` is set.
     """
     finite = tf.math.is_finite(f_plus) & tf.math.is_finite(f_minus)
     difference = tf.where(finite, f_plus - f_minus, 0.0)
+    if clip is not None:
+        difference = tf.clip_by_value(difference, -clip, clip)
     term = (difference[:, None] * state.accumulator
             - state.final_difference[:, None] * state.final_accumulator)
     return difference, term, finite

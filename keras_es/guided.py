@@ -12,7 +12,7 @@ empty, zero, non-finite or linearly dependent are dropped (never orthonormalized
 of a zero column returns an arbitrary direction), and ``k`` becomes the number of
 columns kept, which keeps the trace at one. With no usable column, ``Sigma = I / n``.
 
-Everything is a pure function of a small :class:`GuidedState`, so it runs under
+Everything is a pure function of a small `GuidedState`, so it runs under
 ``tf.function``, XLA and ``tf.distribute``.
 """
 
@@ -63,7 +63,7 @@ def init(k: int, dim: int) -> GuidedState:
 def push(state: GuidedState, surrogate: tf.Tensor) -> GuidedState:
     """Adds a surrogate gradient to the front of the FIFO, dropping the oldest.
 
-    A non-finite surrogate is stored as zeros, which :func:`subspace` then ignores.
+    A non-finite surrogate is stored as zeros, which `subspace` then ignores.
     """
     surrogate = tf.cast(tf.reshape(surrogate, [1, -1]), tf.float32)
     surrogate = tf.where(tf.reduce_all(tf.math.is_finite(surrogate)), surrogate, 0.0)
@@ -94,7 +94,7 @@ def sample(space: Subspace, z_full: tf.Tensor, z_sub: tf.Tensor, sigma: float) -
     """Perturbations with covariance ``sigma^2 Sigma`` from standard normals.
 
     Args:
-        space: From :func:`subspace`.
+        space: From `subspace`.
         z_full: ``[pairs, dim]`` standard normal.
         z_sub: ``[pairs, k]`` standard normal.
         sigma: Overall radius: ``E||eps||^2 = sigma^2``.

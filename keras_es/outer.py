@@ -17,10 +17,10 @@ from keras_es.unrolled import UnrolledSystem
 class MetaTrainer:
     """Meta-trains hyperparameters ``theta`` of an unrolled system with ES estimates.
 
-    Each :meth:`step` runs one truncated window of K steps for every particle, forms the
+    Each `step` runs one truncated window of K steps for every particle, forms the
     estimate, and applies it to ``theta`` with a Keras optimizer. All of it is one
     ``tf.function``, traced once. Particle and estimator states live in ``tf.Variable``
-    objects, so :meth:`save` and :meth:`restore` checkpoint a run between any two steps.
+    objects, so `save` and `restore` checkpoint a run between any two steps.
 
     Example:
 
@@ -33,11 +33,11 @@ class MetaTrainer:
     ```
 
     Args:
-        system: The :class:`~keras_es.unrolled.UnrolledSystem` (inner problem).
-        estimator: An :class:`~keras_es.estimators.Estimator` (``es_single(...)``, ...).
+        system: The `UnrolledSystem` (inner problem).
+        estimator: An `Estimator` (``es_single(...)``, ...).
         theta: Initial unconstrained hyperparameters ``[dim]``, or a
-            :class:`~keras_es.transforms.SearchSpace` (its declared values are encoded
-            and :attr:`values` decodes theta back to natural units).
+            `SearchSpace` (its declared values are encoded
+            and `values` decodes theta back to natural units).
         num_particles: N, an even number (antithetic pairs).
         optimizer: A Keras optimizer for theta; default ``SGD(learning_rate=0.01)``.
         seed: Integer seed from which every perturbation, data key and
@@ -106,7 +106,7 @@ class MetaTrainer:
 
     @property
     def state(self):
-        """The estimator's current :class:`~keras_es.estimators.EstimatorState`."""
+        """The estimator's current `EstimatorState`."""
         return tf.nest.map_structure(tf.convert_to_tensor, self._state_vars)
 
     @property
@@ -143,7 +143,9 @@ class MetaTrainer:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps={num_steps!r} is invalid; expected an integer >= 0.")
         history: dict[str, list] = {}
-        bar = keras.utils.Progbar(num_steps) if verbose else None
+        shown = ("loss", "meta_loss", "gradient_norm")
+        # Stateful: the bar shows each step's value, not a running mean since the start.
+        bar = keras.utils.Progbar(num_steps, stateful_metrics=shown) if verbose else None
         for i in range(num_steps):
             logs = self.step()
             for key, value in logs.items():
@@ -151,9 +153,7 @@ class MetaTrainer:
             if callback is not None:
                 callback(logs)
             if bar is not None:
-                bar.update(i + 1, [(k, v) for k, v in logs.items()
-                                   if k in ("loss", "meta_loss", "gradient_norm")
-                                   and math.isfinite(v)])
+                bar.update(i + 1, [(k, logs[k]) for k in shown if math.isfinite(logs[k])])
         return history
 
     def checkpoint(self) -> tf.train.Checkpoint:
@@ -168,7 +168,7 @@ class MetaTrainer:
         return self.checkpoint().write(path)
 
     def restore(self, path: str) -> None:
-        """Restores a checkpoint written by :meth:`save` of an identically built trainer."""
+        """Restores a checkpoint written by `save` of an identically built trainer."""
         self.checkpoint().read(path).assert_consumed()
 
     # ------------------------------------------------------------------ internals

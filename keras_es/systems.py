@@ -23,7 +23,8 @@ class LinearQuadraticSystem(UnrolledSystem):
         H: ``[m, d]`` readout of the per-step loss (default identity).
         y: ``[m]`` target (default zeros).
         s0: ``[d]`` initial state (default zeros).
-        meta_H, meta_y: readout and target of :meth:`meta_loss` (default ``H``, ``y``).
+        meta_H: ``[k, d]`` readout of `meta_loss` (default ``H``).
+        meta_y: ``[k]`` target of `meta_loss` (default ``y``).
     """
 
     def __init__(self, A, B, c=None, H=None, y=None, s0=None, meta_H=None, meta_y=None):

@@ -1,7 +1,7 @@
 """Checking estimators against exact answers.
 
 Helpers to run an estimator at a fixed theta and compare it with the exact gradient of
-a :class:`~keras_es.systems.LinearQuadraticSystem`, where every unbiased estimator's
+a `LinearQuadraticSystem`, where every unbiased estimator's
 mean must equal it. keras_es's statistical tests and ``benchmarks/estimator_statistics.py``
 use them; they work as well for checking a custom estimator configuration.
 """
@@ -20,7 +20,7 @@ ORACLE_THETA = np.array([0.3, -0.2])
 
 def oracle_system(seed: int = 1234) -> LinearQuadraticSystem:
     """Random stable linear dynamics (spectral radius 0.8, state dim 3, theta dim 2)
-    with quadratic per-step and meta losses; evaluate at :data:`ORACLE_THETA`."""
+    with quadratic per-step and meta losses; evaluate at `ORACLE_THETA`."""
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     return LinearQuadraticSystem(
@@ -111,7 +111,7 @@ def oracle_estimators(sigma: float, truncation_length: int, horizon: int) -> dic
     full ES, ES-Single (staggered or not), PES with window, per-step, M = 3 and M >= T
     resampling, and guided ES-Single / PES (unbiased ``Sigma^-1 eps`` weighting)."""
     s, k, t = sigma, truncation_length, horizon
-    guided = es.GuidedConfig(k=1, alpha=0.5)
+    guided = es.GuidedConfig(k=1, alpha=0.5, weighting="inverse_covariance")
     return {
         "full_es": lambda obj: es.full_es(s, horizon=t, objective=obj),
         "es_single": lambda obj: es.es_single(s, k, horizon=t, objective=obj),

@@ -3,7 +3,7 @@
 ES perturbs theta with Gaussian noise, so every coordinate must live on the whole real
 line (trap 7 in the estimator notes): a learning rate is perturbed in log space, a
 momentum in logit space (or log of one minus), a layer-width fraction in logit space.
-Users declare values in natural units; :class:`SearchSpace` encodes them into one
+Users declare values in natural units; `SearchSpace` encodes them into one
 vector and decodes any batch of vectors back, in NumPy or inside ``tf.function``.
 """
 
@@ -134,7 +134,7 @@ TRANSFORMS = {t.name: t for t in (Identity, Log, Logit, LogOneMinus)}
 
 
 def get(transform: str | Transform) -> Transform:
-    """Returns a :class:`Transform` from a name (``"log"``, ``"logit"``, ...) or instance."""
+    """Returns a `Transform` from a name (``"log"``, ``"logit"``, ...) or instance."""
     if isinstance(transform, Transform):
         return transform
     if transform not in TRANSFORMS:
@@ -152,7 +152,7 @@ class Hyperparameter:
         name: Unique name, e.g. ``"learning_rate"``.
         value: Initial value in natural units.
         transform: ``"log"``, ``"logit"``, ``"log_one_minus"``, ``"identity"`` or a
-            :class:`Transform`.
+            `Transform`.
     """
 
     name: str

@@ -22,8 +22,8 @@ Nest = Any
 class UnrolledSystem:
     """Base class for inner problems driven by keras_es estimators.
 
-    Subclasses implement :meth:`init` and :meth:`step`; :meth:`reset` has a default that
-    re-initializes the masked particles, and :meth:`meta_loss` is needed only for the
+    Subclasses implement `init` and `step`; `reset` has a default that
+    re-initializes the masked particles, and `meta_loss` is needed only for the
     telescoped ``objective="final"``.
 
     Keys (``[num_particles, 2]`` int32 stateless seeds) are equal for the two twins of a

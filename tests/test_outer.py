@@ -81,3 +81,20 @@ def test_step_is_traced_once(system):
     trainer = keras_es.MetaTrainer(system, keras_es.pes(0.1, 2, horizon=5), [0.5], 8)
     trainer.train(5)
     assert trainer._step_fn.experimental_get_tracing_count() == 1
+
+
+def test_xla_matches_graph_mode():
+    """The whole outer step compiles under XLA and follows the same trajectory."""
+    from keras_es import testing
+
+    def run(jit):
+        estimator = keras_es.pes(0.1, 3, horizon=7, objective="final",
+                                 guided=keras_es.GuidedConfig(k=1))
+        trainer = keras_es.MetaTrainer(
+            testing.oracle_system(), estimator, testing.ORACLE_THETA, 16,
+            optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit,
+            surrogate=lambda theta, step: tf.ones_like(theta))
+        trainer.train(10)
+        return trainer.theta_value
+
+    np.testing.assert_allclose(run(True), run(False), rtol=1e-5, atol=1e-6)

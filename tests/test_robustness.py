@@ -104,16 +104,24 @@ def test_twins_share_keys_common_random_numbers():
     assert float(results[-1].loss) > 0.0
 
 
-def test_clip_and_normalize_keep_direction(oracle_system):
-    plain = keras_es.es_single(0.1, 5, horizon=12)
-    clipped = keras_es.es_single(0.1, 5, horizon=12, clip_loss_difference=1e-3,
-                                 normalize=True)
+@pytest.mark.parametrize("objective", ["sum", "final"])
+def test_clip_and_normalize_keep_direction(objective, oracle_system):
+    plain = keras_es.es_single(0.1, 5, horizon=12, objective=objective)
+    clipped = keras_es.es_single(0.1, 5, horizon=12, objective=objective,
+                                 clip_loss_difference=1e-3, normalize=True)
     _, a = run_windows(plain, oracle_system, ORACLE_THETA, 2000, 2)
     _, b = run_windows(clipped, oracle_system, ORACLE_THETA, 2000, 2)
     ga, gb = a[-1].gradient.numpy(), b[-1].gradient.numpy()
     assert np.all(np.isfinite(gb))
     cosine = ga @ gb / np.linalg.norm(ga) / np.linalg.norm(gb)
     assert cosine > 0.9
+    # Clipping at 1e-3 bounds every credited difference, so each pair's window estimate
+    # is at most K * 1e-3 * |xi| / (2 sigma^2) ("sum": K per-step differences) or
+    # 2e-3 * |xi| / (2 sigma^2) ("final": two telescoped terms), with |xi| < 6 sigma
+    # for 2,000 pairs in two dimensions.
+    bound = (5 if objective == "sum" else 2) * 1e-3 * 6 * 0.1 / (2 * 0.1 ** 2)
+    assert np.abs(b[-1].pair_gradients.numpy()).max() <= bound
+    assert np.abs(a[-1].pair_gradients.numpy()).max() > 10 * bound
 
 
 @pytest.mark.parametrize("factory, kwargs, match", [
@@ -125,6 +133,7 @@ def test_clip_and_normalize_keep_direction(oracle_system):
     (keras_es.pes, {"sigma": 0.1, "truncation_length": 5, "resample_interval": 0},
      "resample=0"),
     (keras_es.es_single, {"sigma": float("nan"), "truncation_length": 5}, "sigma=nan"),
+    (keras_es.full_es, {"sigma": 0.1, "horizon": 5, "stagger": True}, "stagger=True"),
 ])
 def test_bad_estimator_settings_raise(factory, kwargs, match):
     with pytest.raises(ValueError, match=match):
