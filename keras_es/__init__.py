@@ -4,7 +4,8 @@ Unbiased gradient estimates of hyperparameters through long training runs, from 
 truncated unrolls: PES, ES-Single (noise reuse), Guided ES and telescoping sums.
 """
 
-from keras_es import guided, noise, systems, transforms
+from keras_es import engine, guided, noise, schedules, systems, transforms
+from keras_es.engine import Population, PopulationState
 from keras_es.estimators import (
     ESTIMATORS,
     Estimator,
@@ -29,14 +30,18 @@ __all__ = [
     "GuidedConfig",
     "Hyperparameter",
     "MetaTrainer",
+    "Population",
+    "PopulationState",
     "SearchSpace",
     "UnrolledSystem",
     "WindowResult",
+    "engine",
     "es_single",
     "full_es",
     "guided",
     "noise",
     "pes",
+    "schedules",
     "select",
     "systems",
     "transforms",

@@ -1,0 +1,382 @@
+"""The particle engine: N copies of a Keras model trained in one compiled step.
+
+A `Population` stacks every weight of a Keras model N times (leading particle
+dimension), runs ``model.stateless_call`` for all particles at once under
+``tf.vectorized_map`` with the gradient taken *inside* the map (a tape around the map
+is pathologically slow under XLA), and applies Keras's own optimizer equations with
+per-particle hyperparameters. Keras optimizers bake momentum and betas in as Python
+floats at trace time and cannot be stacked per particle, so the update equations of
+`SGD` and `Adam` are written here, term for term as in Keras 3.
+
+Per-particle hyperparameters are decoded from one unconstrained vector per particle
+(``theta[i]``) through a `SearchSpace`. Non-trainable state (BatchNormalization
+statistics, dropout seed generators) is per particle as well.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_es import initializers, schedules
+from keras_es.schedules import Schedule, Value
+from keras_es.transforms import SearchSpace
+
+
+class PopulationState(NamedTuple):
+    """Every particle's weights and optimizer state (leading dimension N).
+
+    Attributes:
+        trainable: One ``[N, *shape]`` tensor per trainable weight of the model.
+        non_trainable: One per non-trainable weight (BatchNorm statistics, seeds).
+        slots: Optimizer slots, one tuple of ``[N, *shape]`` tensors per slot kind.
+        step: int32 ``[N]``, optimizer steps taken since each particle's (re)start.
+    """
+
+    trainable: tuple
+    non_trainable: tuple
+    slots: tuple
+    step: tf.Tensor
+
+
+class _InnerOptimizer:
+    """Keras optimizer equations with per-particle hyperparameters."""
+
+    slot_names: tuple[str, ...] = ()
+
+    def __init__(self, learning_rate, weight_decay, per_variable):
+        self.learning_rate = (learning_rate if isinstance(learning_rate, Schedule)
+                              else schedules.Constant(learning_rate))
+        self.weight_decay = weight_decay
+        self.per_variable = dict(per_variable or {})
+        for pattern, roles in self.per_variable.items():
+            unknown = set(roles) - set(self._per_variable_roles())
+            if unknown:
+                raise ValueError(
+                    f"per_variable[{pattern!r}] has unknown roles {sorted(unknown)}; expected "
+                    f"some of {sorted(self._per_variable_roles())}.")
+
+    def _per_variable_roles(self):
+        return ("learning_rate_multiplier",)
+
+    def values(self) -> list[Value]:
+        out = [self.learning_rate]
+        if self.weight_decay is not None:
+            out.append(self.weight_decay)
+        for roles in self.per_variable.values():
+            out.extend(roles.values())
+        return out
+
+    def _role(self, path, role, default):
+        for pattern, roles in self.per_variable.items():
+            if role in roles and fnmatch.fnmatch(path, pattern):
+                return roles[role]
+        return default
+
+    def apply(self, variables, gradients, slots, step, hp, paths):
+        """Returns ``(new variables, new slots)``; all tensors ``[N, ...]``."""
+        n = tf.shape(step)[0]
+        learning_rate = self.learning_rate(tf.cast(step, tf.float32), hp)
+        new_vars, new_slots = [], [[] for _ in self.slot_names]
+        for i, (var, grad, path) in enumerate(zip(variables, gradients, paths, strict=True)):
+            shape = tf.concat([[n], tf.ones([tf.rank(var) - 1], tf.int32)], 0)
+            multiplier = schedules.resolve(self._role(path, "learning_rate_multiplier", 1.0),
+                                           hp, n)
+            lr = tf.reshape(learning_rate * multiplier, shape)
+            if self.weight_decay is not None:
+                wd = tf.reshape(schedules.resolve(self.weight_decay, hp, n), shape)
+                var = var - var * wd * lr  # Keras: decay applied before the update
+            var_slots = [s[i] for s in slots]
+            var, var_slots = self._update(var, grad, var_slots, lr, step, hp, path, shape)
+            new_vars.append(var)
+            for k, s in enumerate(var_slots):
+                new_slots[k].append(s)
+        return tuple(new_vars), tuple(tuple(s) for s in new_slots)
+
+
+class SGD(_InnerOptimizer):
+    """SGD with momentum and Nesterov, as ``keras.optimizers.SGD``.
+
+    Args:
+        learning_rate: A number, a hyperparameter name, or a `Schedule`.
+        momentum: A number or a hyperparameter name.
+        nesterov: Nesterov momentum (static).
+        weight_decay: Optional decoupled weight decay (Keras semantics), number or name.
+        per_variable: ``{glob pattern on variable path: {"learning_rate_multiplier": v,
+            "momentum": v}}``, per weight-block values (first matching pattern wins).
+    """
+
+    slot_names = ("momentum",)
+
+    def __init__(self, learning_rate: Value | Schedule = 0.01, momentum: Value = 0.0,
+                 nesterov: bool = False, weight_decay: Value | None = None,
+                 per_variable: Mapping[str, Mapping[str, Value]] | None = None):
+        self.momentum, self.nesterov = momentum, bool(nesterov)
+        super().__init__(learning_rate, weight_decay, per_variable)
+
+    def _per_variable_roles(self):
+        return ("learning_rate_multiplier", "momentum")
+
+    def values(self):
+        return super().values() + [self.momentum]
+
+    def _update(self, var, grad, slots, lr, step, hp, path, shape):
+        (m,) = slots
+        n = tf.shape(step)[0]
+        momentum = tf.reshape(schedules.resolve(self._role(path, "momentum", self.momentum),
+                                                hp, n), shape)
+        m = m * momentum - grad * lr
+        if self.nesterov:
+            var = var + (m * momentum - grad * lr)
+        else:
+            var = var + m
+        return var, [m]
+
+
+class Adam(_InnerOptimizer):
+    """Adam, as ``keras.optimizers.Adam`` (without amsgrad).
+
+    Args:
+        learning_rate: A number, a hyperparameter name, or a `Schedule`.
+        beta_1, beta_2: Numbers or hyperparameter names.
+        epsilon: A number.
+        weight_decay: Optional decoupled weight decay (Keras semantics).
+        per_variable: ``{glob pattern: {"learning_rate_multiplier": v}}``.
+    """
+
+    slot_names = ("m", "v")
+
+    def __init__(self, learning_rate: Value | Schedule = 0.001, beta_1: Value = 0.9,
+                 beta_2: Value = 0.999, epsilon: float = 1e-7,
+                 weight_decay: Value | None = None,
+                 per_variable: Mapping[str, Mapping[str, Value]] | None = None):
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, float(epsilon)
+        super().__init__(learning_rate, weight_decay, per_variable)
+
+    def values(self):
+        return super().values() + [self.beta_1, self.beta_2]
+
+    def _update(self, var, grad, slots, lr, step, hp, path, shape):
+        m, v = slots
+        n = tf.shape(step)[0]
+        beta_1 = tf.reshape(schedules.resolve(self.beta_1, hp, n), shape)
+        beta_2 = tf.reshape(schedules.resolve(self.beta_2, hp, n), shape)
+        local_step = tf.reshape(tf.cast(step + 1, tf.float32), shape)
+        alpha = lr * tf.sqrt(1.0 - tf.pow(beta_2, local_step)) / (1.0 - tf.pow(beta_1, local_step))
+        m = m + (grad - m) * (1.0 - beta_1)
+        v = v + (tf.square(grad) - v) * (1.0 - beta_2)
+        var = var - (m * alpha) / (tf.sqrt(v) + self.epsilon)
+        return var, [m, v]
+
+
+class Population:
+    """N copies of a Keras model with per-particle hyperparameters.
+
+    The population itself is stateless: `init` creates a `PopulationState` and every
+    method maps states to states, so one compiled step serves any number of calls and
+    the states can live wherever the caller keeps them (``tf.Variable`` objects,
+    checkpoints, a `keras_es.MetaTrainer`).
+
+    Example:
+
+    ```python
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log")])
+    population = keras_es.Population(model, num_particles=32, space=space,
+                                     loss=keras.losses.SparseCategoricalCrossentropy(
+                                         from_logits=True),
+                                     optimizer=keras_es.engine.SGD("lr", momentum=0.9))
+    state = population.init(keys)            # keys: int32 [32, 2]
+    state, loss = population.train_step(state, theta, x, y)  # theta: [32, 1]
+    ```
+
+    Args:
+        model: A built Keras model (Sequential or functional).
+        num_particles: N.
+        space: The `SearchSpace` that theta's columns decode with.
+        loss: A Keras loss (reduction ``"sum_over_batch_size"``) or a function
+            ``loss(y_true, y_pred) -> scalar``.
+        optimizer: `SGD` or `Adam` (inner optimizer with per-particle values).
+        metrics: ``{name: fn(y_true, y_pred) -> per-example values}`` for `evaluate`.
+        initialize: ``"initializers"`` draws each particle's initial weights from the
+            model's own initializers with its key (weights whose initializer is unknown
+            or deterministic are copied from the model); ``"copy"`` starts every
+            particle from the model's current weights.
+    """
+
+    def __init__(self, model: keras.Model, num_particles: int, space: SearchSpace, loss,
+                 optimizer: _InnerOptimizer, metrics: Mapping[str, Callable] | None = None,
+                 initialize: str = "initializers"):
+        if not isinstance(model, keras.Model) or not model.built:
+            raise ValueError(f"model={model!r} is invalid; expected a built keras.Model "
+                             "(give it an Input or call it once).")
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
+                or num_particles < 1:
+            raise ValueError(f"num_particles={num_particles!r} is invalid; expected a "
+                             "positive integer.")
+        if not isinstance(space, SearchSpace):
+            raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
+        if not isinstance(optimizer, _InnerOptimizer):
+            raise ValueError(f"optimizer={optimizer!r} is invalid; expected "
+                             "keras_es.engine.SGD(...) or keras_es.engine.Adam(...).")
+        if initialize not in ("initializers", "copy"):
+            raise ValueError(f"initialize={initialize!r} is invalid; expected "
+                             "'initializers' or 'copy'.")
+        missing = sorted({n for v in optimizer.values() for n in schedules.names(v)}
+                         - set(space.names))
+        if missing:
+            raise ValueError(f"optimizer refers to hyperparameters {missing} that space does "
+                             f"not declare; space has {space.names}.")
+        self.model, self.num_particles, self.space = model, num_particles, space
+        self.loss, self.optimizer = loss, optimizer
+        self.metrics = dict(metrics or {})
+        self.initialize = initialize
+        self.trainable_paths = [v.path for v in model.trainable_variables]
+        self._init_specs = self._initializer_specs()
+
+    # ------------------------------------------------------------------ state
+    def _initializer_specs(self):
+        owner = {}
+        for layer in self.model._flatten_layers(include_self=False, recursive=True):
+            for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+                owner[id(v)] = layer
+        specs = []
+        for v in self.model.trainable_variables + self.model.non_trainable_variables:
+            layer = owner.get(id(v))
+            init = initializers.find_initializer(layer, v) if layer is not None else None
+            specs.append((v, init))
+        return specs
+
+    def init(self, keys: tf.Tensor) -> PopulationState:
+        """Fresh particles: weights from ``keys`` (``[N, 2]`` int32), zero optimizer state.
+
+        Twins of an antithetic pair get equal keys and so equal initial weights and
+        dropout seeds.
+        """
+        values = []
+        for index, (variable, init) in enumerate(self._init_specs):
+            value = tf.convert_to_tensor(variable.value)
+            if "seed_generator_state" in variable.path:
+                values.append(self._seed_states(keys, index, value.dtype))
+            elif self.initialize == "initializers" and init is not None:
+                values.append(tf.map_fn(
+                    lambda k, init=init, value=value, index=index: initializers.sample(
+                        init, value.shape, tf.random.experimental.stateless_fold_in(k, index),
+                        value),
+                    keys, fn_output_signature=value.dtype))
+            else:
+                values.append(tf.tile(value[None], [tf.shape(keys)[0]] + [1] * value.shape.rank))
+        n_train = len(self.model.trainable_variables)
+        trainable = tuple(values[:n_train])
+        slots = tuple(tuple(tf.zeros_like(v) for v in trainable)
+                      for _ in self.optimizer.slot_names)
+        return PopulationState(trainable, tuple(values[n_train:]), slots,
+                               tf.zeros([tf.shape(keys)[0]], tf.int32))
+
+    @staticmethod
+    def _seed_states(keys, index, dtype):
+        folded = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k, index), keys)
+        return tf.cast(folded, dtype)
+
+    def reset(self, state: PopulationState, mask: tf.Tensor, keys: tf.Tensor) -> PopulationState:
+        """Re-initializes the particles where ``mask`` is true (an episode restart)."""
+        from keras_es.unrolled import select
+
+        return select(mask, self.init(keys), state)
+
+    def hyperparameters(self, theta: tf.Tensor) -> dict:
+        """``{name: [N]}`` natural-unit values decoded from theta ``[N, dim]``."""
+        return self.space.decode(tf.convert_to_tensor(theta, tf.float32))
+
+    # ------------------------------------------------------------------ steps
+    def _loss(self, y, y_pred):
+        return tf.cast(self.loss(y, y_pred), tf.float32)
+
+    def train_step(self, state: PopulationState, theta: tf.Tensor, x, y):
+        """One optimizer step for every particle.
+
+        Args:
+            state: The population's state.
+            theta: float32 ``[N, dim]`` unconstrained hyperparameters.
+            x, y: A batch shared by all particles (``[B, ...]``), or one batch per
+                particle (``[N, B, ...]``) when ``x`` has one more dimension than the
+                model's input.
+
+        Returns:
+            ``(new_state, loss [N])``.
+        """
+        hp = self.hyperparameters(theta)
+        per_particle = self._per_particle_batch(x)
+        model = self.model
+
+        def one(args):
+            trainable, non_trainable = list(args[0]), list(args[1])
+            xb, yb = (args[2], args[3]) if per_particle else (x, y)
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                y_pred, non_trainable = model.stateless_call(trainable, non_trainable, xb,
+                                                             training=True)
+                loss = self._loss(yb, y_pred)
+            return loss, tuple(tape.gradient(loss, trainable)), tuple(non_trainable)
+
+        args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
+        loss, grads, non_trainable = tf.vectorized_map(one, args)
+        trainable, slots = self.optimizer.apply(state.trainable, grads, state.slots, state.step,
+                                                hp, self.trainable_paths)
+        return PopulationState(trainable, tuple(non_trainable), slots, state.step + 1), loss
+
+    def evaluate(self, state: PopulationState, x, y) -> dict:
+        """Loss and metrics ``{name: [N]}`` of every particle (inference mode)."""
+        per_particle = self._per_particle_batch(x)
+        model = self.model
+
+        def one(args):
+            xb, yb = (args[2], args[3]) if per_particle else (x, y)
+            y_pred, _ = model.stateless_call(list(args[0]), list(args[1]), xb, training=False)
+            out = {"loss": self._loss(yb, y_pred)}
+            for name, fn in self.metrics.items():
+                out[name] = tf.reduce_mean(tf.cast(fn(yb, y_pred), tf.float32))
+            return out
+
+        args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
+        return tf.vectorized_map(one, args)
+
+    def _per_particle_batch(self, x) -> bool:
+        rank = len(self.model.inputs[0].shape) if getattr(self.model, "inputs", None) else None
+        return rank is not None and len(x.shape) == rank + 1
+
+    # ------------------------------------------------------------------ helpers
+    def set_weights(self, state: PopulationState, particle: int, model: keras.Model | None = None):
+        """Copies particle ``particle``'s weights into ``model`` (default: the template)."""
+        model = model or self.model
+        for variable, value in zip(model.trainable_variables, state.trainable, strict=True):
+            variable.assign(value[particle])
+        for variable, value in zip(model.non_trainable_variables, state.non_trainable, strict=True):
+            variable.assign(value[particle])
+
+    def copy_state(self, model: keras.Model | None = None) -> PopulationState:
+        """Every particle starts from ``model``'s (default: the template's) weights."""
+        model = model or self.model
+        n = self.num_particles
+        tile = lambda v: tf.tile(tf.convert_to_tensor(v.value)[None],  # noqa: E731
+                                 [n] + [1] * len(v.shape))
+        trainable = tuple(tile(v) for v in model.trainable_variables)
+        slots = tuple(tuple(tf.zeros_like(v) for v in trainable)
+                      for _ in self.optimizer.slot_names)
+        return PopulationState(trainable, tuple(tile(v) for v in model.non_trainable_variables),
+                               slots, tf.zeros([n], tf.int32))
+
+    def count_flops_per_example(self) -> int:
+        """Multiply-adds x 2 of one forward pass of Dense/Conv layers (for benchmarks)."""
+        flops = 0
+        for layer in self.model._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, keras.layers.Dense):
+                flops += 2 * int(np.prod(layer.kernel.shape))
+            elif isinstance(layer, keras.layers.Conv2D):
+                out = layer.output.shape
+                flops += 2 * int(np.prod(layer.kernel.shape)) * int(out[1]) * int(out[2])
+        return flops

@@ -1,0 +1,172 @@
+"""The particle engine: equivalence with Keras optimizers, per-particle state, resets."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_es
+from keras_es import engine
+
+N = 3
+STEPS = 20
+
+
+def _model(seed=0, batch_norm=True):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((6,)), keras.layers.Dense(8, activation="relu")]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers += [keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
+    return keras.Sequential(layers)
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    return [(rng.normal(size=(16, 6)).astype("float32"), rng.integers(0, 3, 16))
+            for _ in range(STEPS)]
+
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _keras_reference(optimizer, weight_decay=None):
+    model = _model()
+    model.compile(optimizer=optimizer, loss=LOSS)
+    for x, y in _batches():
+        model.train_on_batch(x, y)
+    return model
+
+
+CASES = {
+    "sgd": (lambda: keras.optimizers.SGD(0.05),
+            lambda: engine.SGD("lr"), {"lr": 0.05}),
+    "sgd_momentum": (lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+                     lambda: engine.SGD("lr", momentum="momentum"),
+                     {"lr": 0.05, "momentum": 0.9}),
+    "sgd_nesterov_wd": (lambda: keras.optimizers.SGD(0.05, momentum=0.8, nesterov=True,
+                                                     weight_decay=0.01),
+                        lambda: engine.SGD("lr", momentum="momentum", nesterov=True,
+                                           weight_decay="wd"),
+                        {"lr": 0.05, "momentum": 0.8, "wd": 0.01}),
+    "adam": (lambda: keras.optimizers.Adam(0.01, beta_1=0.8, beta_2=0.99),
+             lambda: engine.Adam("lr", beta_1="beta_1", beta_2="beta_2"),
+             {"lr": 0.01, "beta_1": 0.8, "beta_2": 0.99}),
+    "adam_schedule": (
+        lambda: keras.optimizers.Adam(keras.optimizers.schedules.InverseTimeDecay(
+            0.01, decay_steps=5, decay_rate=1.0)),
+        lambda: engine.Adam(keras_es.schedules.InverseTimeDecay("lr", 5.0, 1.0)),
+        {"lr": 0.01}),
+}
+
+TRANSFORMS = {"lr": "log", "momentum": "logit", "wd": "log", "beta_1": "logit",
+              "beta_2": "log_one_minus"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_keras_optimizer(name):
+    keras_optimizer, engine_optimizer, values = CASES[name]
+    reference = _keras_reference(keras_optimizer())
+    space = keras_es.SearchSpace([keras_es.Hyperparameter(k, v, TRANSFORMS[k])
+                                  for k, v in values.items()])
+    template = _model()
+    population = keras_es.Population(template, N, space, LOSS, engine_optimizer(),
+                                     initialize="copy")
+    state = population.copy_state()
+    theta = tf.tile(space.encode()[None], [N, 1])
+    step = tf.function(population.train_step, jit_compile=True)
+    for x, y in _batches():
+        state, loss = step(state, theta, x, y)
+    assert np.all(state.step.numpy() == STEPS)
+    for i in range(N):
+        for ref, got in zip(reference.trainable_variables + reference.non_trainable_variables,
+                            state.trainable + state.non_trainable, strict=True):
+            np.testing.assert_allclose(got.numpy()[i], ref.numpy(), rtol=2e-4, atol=2e-5,
+                                       err_msg=f"{name}: {ref.path}")
+
+
+@pytest.fixture(scope="module")
+def mlp_population():
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log")])
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dropout(0.5), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(3)])
+    return keras_es.Population(model, 4, space, LOSS, engine.SGD("lr"),
+                               metrics={"accuracy": keras.metrics.sparse_categorical_accuracy})
+
+
+def test_per_particle_initialization_and_twins(mlp_population):
+    keys = tf.constant([[1, 2], [1, 2], [3, 4], [3, 4]], tf.int32)
+    state = mlp_population.init(keys)
+    kernel = state.trainable[0].numpy()
+    np.testing.assert_array_equal(kernel[0], kernel[1])
+    assert not np.allclose(kernel[0], kernel[2])
+    # Drawn from the model's own initializer (Glorot uniform) limits.
+    limit = np.sqrt(6.0 / (6 + 8))
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.8 * limit
+    np.testing.assert_array_equal(state.trainable[1].numpy(), 0.0)  # zeros bias
+
+
+def test_dropout_masks_shared_by_twins_distinct_across_pairs(mlp_population):
+    keys = tf.constant([[1, 2], [1, 2], [3, 4], [3, 4]], tf.int32)
+    state = mlp_population.init(keys)
+    # Same weights everywhere, so only dropout masks can differ.
+    copied = mlp_population.copy_state()
+    state = state._replace(trainable=copied.trainable)
+    theta = tf.zeros([4, 1]) + np.log(0.1)
+    x = np.random.default_rng(1).normal(size=(32, 6)).astype("float32")
+    y = np.zeros(32, np.int64)
+    state, loss = mlp_population.train_step(state, theta, x, y)
+    loss = loss.numpy()
+    assert loss[0] == loss[1] and loss[2] == loss[3] and loss[0] != loss[2]
+
+
+def test_reset_restores_fresh_particles_only(mlp_population):
+    keys = tf.constant([[1, 2], [1, 2], [3, 4], [3, 4]], tf.int32)
+    fresh = mlp_population.init(keys)
+    theta = tf.zeros([4, 1]) + np.log(0.1)
+    x = np.random.default_rng(1).normal(size=(32, 6)).astype("float32")
+    y = np.zeros(32, np.int64)
+    trained, _ = mlp_population.train_step(fresh, theta, x, y)
+    reset = mlp_population.reset(trained, tf.constant([False, False, True, True]), keys)
+    np.testing.assert_array_equal(reset.step.numpy(), [1, 1, 0, 0])
+    np.testing.assert_array_equal(reset.trainable[0].numpy()[2:], fresh.trainable[0].numpy()[2:])
+    np.testing.assert_array_equal(reset.trainable[0].numpy()[:2],
+                                  trained.trainable[0].numpy()[:2])
+    # BatchNorm statistics are per particle and reset with the particle.
+    moving_mean = [v for v in reset.non_trainable if v.dtype == tf.float32][0].numpy()
+    np.testing.assert_array_equal(moving_mean[2:], 0.0)
+    assert not np.allclose(moving_mean[:2], 0.0)
+
+
+def test_evaluate_and_per_particle_batches(mlp_population):
+    keys = tf.constant([[1, 2], [1, 2], [3, 4], [3, 4]], tf.int32)
+    state = mlp_population.init(keys)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 16, 6)).astype("float32")
+    y = rng.integers(0, 3, (4, 16))
+    out = mlp_population.evaluate(state, x, y)
+    assert out["loss"].shape == (4,) and out["accuracy"].shape == (4,)
+    # Particle 0 on its own batch equals a plain Keras forward pass.
+    model = mlp_population.model
+    mlp_population.set_weights(state, 0, model)
+    expected = LOSS(y[0], model(x[0], training=False))
+    np.testing.assert_allclose(out["loss"].numpy()[0], expected.numpy(), rtol=1e-5)
+
+
+def test_bad_population_arguments():
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log")])
+    model = _model(batch_norm=False)
+    with pytest.raises(ValueError, match=r"hyperparameters \['momentum'\]"):
+        keras_es.Population(model, 4, space, LOSS, engine.SGD("lr", momentum="momentum"))
+    with pytest.raises(ValueError, match="num_particles=0"):
+        keras_es.Population(model, 0, space, LOSS, engine.SGD("lr"))
+    with pytest.raises(ValueError, match="optimizer="):
+        keras_es.Population(model, 4, space, LOSS, keras.optimizers.SGD())
+    with pytest.raises(ValueError, match="unknown roles"):
+        engine.SGD("lr", per_variable={"*": {"beta": 0.1}})
+    with pytest.raises(ValueError, match="built keras.Model"):
+        keras_es.Population(keras.Sequential([keras.layers.Dense(2)]), 4, space, LOSS,
+                            engine.SGD("lr"))
