@@ -17,6 +17,7 @@ from keras_es.estimators import (
     pes,
     truncated_es,
 )
+from keras_es.keras_system import KerasSystem
 from keras_es.outer import MetaTrainer
 from keras_es.transforms import Hyperparameter, SearchSpace
 from keras_es.unrolled import UnrolledSystem, select
@@ -29,6 +30,7 @@ __all__ = [
     "EstimatorState",
     "GuidedConfig",
     "Hyperparameter",
+    "KerasSystem",
     "MetaTrainer",
     "Population",
     "PopulationState",

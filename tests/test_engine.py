@@ -170,3 +170,44 @@ def test_bad_population_arguments():
     with pytest.raises(ValueError, match="built keras.Model"):
         keras_es.Population(keras.Sequential([keras.layers.Dense(2)]), 4, space, LOSS,
                             engine.SGD("lr"))
+
+
+def _classification_data(n, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(6, 3))
+    x = rng.normal(size=(n, 6)).astype("float32")
+    return x, np.argmax(x @ w + 0.3 * rng.normal(size=(n, 3)), axis=1)
+
+
+def test_meta_training_a_learning_rate_lowers_the_meta_loss():
+    """es_single on a KerasSystem raises a far too small learning rate; the meta-loss
+    (the summed training loss of the staggered particles' windows) falls."""
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 1e-3, "log")])
+    model = _model(batch_norm=False)
+    population = keras_es.Population(model, 16, space, LOSS, engine.SGD("lr", momentum=0.9))
+    train = tf.data.Dataset.from_tensor_slices(_classification_data(512, 0)).batch(64)
+    system = keras_es.KerasSystem(population, train, batch_size=32)
+    estimator = keras_es.es_single(0.3, truncation_length=5, horizon=30)
+    trainer = keras_es.MetaTrainer(system, estimator, space, 16,
+                                   optimizer=keras.optimizers.Adam(0.1), seed=0,
+                                   jit_compile=True)
+    history = trainer.train(40)
+    meta = np.asarray(history["loss"])
+    assert trainer.values["lr"] > 1e-2, trainer.values
+    assert meta[-8:].mean() < 0.85 * meta[:8].mean(), (meta[:8].mean(), meta[-8:].mean())
+
+
+def test_keras_system_batches_are_shared_by_twins_only():
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 1e-3, "log")])
+    population = keras_es.Population(_model(batch_norm=False), 4, space, LOSS, engine.SGD("lr"),
+                                     initialize="copy")
+    system = keras_es.KerasSystem(population, _classification_data(1000, 0), batch_size=8)
+    keys = tf.constant([[1, 2], [1, 2], [3, 4], [3, 4]], tf.int32)
+    x, _ = system._batch(system.x, system.y, keys, 8, False)
+    np.testing.assert_array_equal(x[0], x[1])
+    assert not np.allclose(x[0], x[2])
+    with pytest.raises(ValueError, match="batch_size=0"):
+        keras_es.KerasSystem(population, _classification_data(10, 0), batch_size=0)
+    with pytest.raises(ValueError, match="infinite"):
+        keras_es.KerasSystem(population, tf.data.Dataset.from_tensor_slices(
+            _classification_data(10, 0)).repeat())
