@@ -4,7 +4,7 @@ Unbiased gradient estimates of hyperparameters through long training runs, from 
 truncated unrolls: PES, ES-Single (noise reuse), Guided ES and telescoping sums.
 """
 
-from keras_es import engine, guided, noise, schedules, systems, transforms
+from keras_es import engine, guided, layers, noise, schedules, systems, transforms
 from keras_es.engine import Population, PopulationState
 from keras_es.estimators import (
     ESTIMATORS,
@@ -41,6 +41,7 @@ __all__ = [
     "es_single",
     "full_es",
     "guided",
+    "layers",
     "noise",
     "pes",
     "schedules",

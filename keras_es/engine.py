@@ -206,11 +206,16 @@ class Population:
             model's own initializers with its key (weights whose initializer is unknown
             or deterministic are copied from the model); ``"copy"`` starts every
             particle from the model's current weights.
+        layer_hyperparameters: ``{glob pattern on a non-trainable variable's path:
+            hyperparameter name}``: scalar layer variables set per particle from theta
+            before every step, such as `keras_es.layers.UnitMask` widths
+            (``"*width_1/units"``) and `keras_es.layers.Dropout` rates.
     """
 
     def __init__(self, model: keras.Model, num_particles: int, space: SearchSpace, loss,
                  optimizer: _InnerOptimizer, metrics: Mapping[str, Callable] | None = None,
-                 initialize: str = "initializers"):
+                 initialize: str = "initializers",
+                 layer_hyperparameters: Mapping[str, str] | None = None):
         if not isinstance(model, keras.Model) or not model.built:
             raise ValueError(f"model={model!r} is invalid; expected a built keras.Model "
                              "(give it an Input or call it once).")
@@ -237,6 +242,36 @@ class Population:
         self.initialize = initialize
         self.trainable_paths = [v.path for v in model.trainable_variables]
         self._init_specs = self._initializer_specs()
+        self._bound = self._bind_layer_hyperparameters(dict(layer_hyperparameters or {}))
+
+    def _bind_layer_hyperparameters(self, bindings):
+        """``{non-trainable index: hyperparameter name}`` for the given patterns."""
+        bound = {}
+        for pattern, name in bindings.items():
+            if name not in self.space.names:
+                raise ValueError(f"layer_hyperparameters[{pattern!r}]={name!r} is not in space; "
+                                 f"expected one of {self.space.names}.")
+            hits = [i for i, v in enumerate(self.model.non_trainable_variables)
+                    if fnmatch.fnmatch(v.path, pattern)]
+            if not hits:
+                paths = [v.path for v in self.model.non_trainable_variables]
+                raise ValueError(f"layer_hyperparameters pattern {pattern!r} matches no "
+                                 f"non-trainable variable; the model has {paths}.")
+            for i in hits:
+                if len(self.model.non_trainable_variables[i].shape) != 0:
+                    raise ValueError(f"layer_hyperparameters pattern {pattern!r} matches "
+                                     f"{self.model.non_trainable_variables[i].path}, which is "
+                                     "not a scalar.")
+                bound[i] = name
+        return bound
+
+    def _with_layer_hyperparameters(self, state, hp):
+        if not self._bound:
+            return state
+        values = list(state.non_trainable)
+        for i, name in self._bound.items():
+            values[i] = tf.cast(hp[name], values[i].dtype)
+        return state._replace(non_trainable=tuple(values))
 
     # ------------------------------------------------------------------ state
     def _initializer_specs(self):
@@ -310,6 +345,7 @@ class Population:
             ``(new_state, loss [N])``.
         """
         hp = self.hyperparameters(theta)
+        state = self._with_layer_hyperparameters(state, hp)
         per_particle = self._per_particle_batch(x)
         model = self.model
 
@@ -329,8 +365,14 @@ class Population:
                                                 hp, self.trainable_paths)
         return PopulationState(trainable, tuple(non_trainable), slots, state.step + 1), loss
 
-    def evaluate(self, state: PopulationState, x, y) -> dict:
-        """Loss and metrics ``{name: [N]}`` of every particle (inference mode)."""
+    def evaluate(self, state: PopulationState, x, y, theta: tf.Tensor | None = None) -> dict:
+        """Loss and metrics ``{name: [N]}`` of every particle (inference mode).
+
+        ``theta`` is needed only to set layer hyperparameters (widths) first; without
+        it the values from the last training step are used.
+        """
+        if theta is not None:
+            state = self._with_layer_hyperparameters(state, self.hyperparameters(theta))
         per_particle = self._per_particle_batch(x)
         model = self.model
 

@@ -211,3 +211,66 @@ def test_keras_system_batches_are_shared_by_twins_only():
     with pytest.raises(ValueError, match="infinite"):
         keras_es.KerasSystem(population, tf.data.Dataset.from_tensor_slices(
             _classification_data(10, 0)).repeat())
+
+
+def test_layer_hyperparameters_widths_and_dropout_rates_per_particle():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(16)(inputs)
+    h = keras_es.layers.UnitMask(name="width")(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras_es.layers.Dropout(0.5, name="drop")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    space = keras_es.SearchSpace([
+        keras_es.Hyperparameter("lr", 0.1, "log"),
+        keras_es.Hyperparameter("units", 8.0, keras_es.transforms.Logit(0, 16)),
+        keras_es.Hyperparameter("rate", 0.0, "identity")])
+    population = keras_es.Population(
+        model, 2, space, LOSS, engine.SGD("lr"), initialize="copy",
+        layer_hyperparameters={"*width/units": "units", "*drop/rate": "rate"})
+    theta = np.stack([space.encode({"units": 4.7, "rate": 0.0}),
+                      space.encode({"units": 15.5, "rate": 0.5})])
+    x, y = _classification_data(32, 4)
+    state = population.copy_state()
+    evaluated = population.evaluate(state, x, y, theta=theta)["loss"].numpy()
+    _, train_loss = population.train_step(state, theta, x, y)
+    # Particle 0: rate 0 gives the inference-mode loss; particle 1 drops units.
+    np.testing.assert_allclose(train_loss.numpy()[0], evaluated[0], rtol=1e-5)
+    assert abs(train_loss.numpy()[1] - evaluated[1]) > 1e-4
+    # Particle 0 has floor(4.7) = 4 active units: kernel columns 4.. do not matter.
+    kernel = state.trainable[0].numpy().copy()
+    kernel[:, :, 4:] += 10.0
+    changed = state._replace(trainable=(tf.constant(kernel),) + state.trainable[1:])
+    again = population.evaluate(changed, x, y, theta=theta)["loss"].numpy()
+    np.testing.assert_allclose(again[0], evaluated[0], rtol=1e-6)
+    assert abs(again[1] - evaluated[1]) > 1e-3
+    # The same layers in a plain Keras model behave like fixed-value layers.
+    np.testing.assert_allclose(model(x, training=False).shape, (32, 3))
+    with pytest.raises(ValueError, match="matches no non-trainable variable"):
+        keras_es.Population(model, 2, space, LOSS, engine.SGD("lr"),
+                            layer_hyperparameters={"*nothing*": "units"})
+
+
+def test_population_checkpoint_resume_reproduces_meta_training(tmp_path):
+    """The whole population (weights, BatchNorm statistics, momentum, step counters,
+    dropout seeds) and the estimator state round-trip through a checkpoint."""
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log")])
+
+    def build():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dropout(0.2), keras.layers.BatchNormalization(),
+                                  keras.layers.Dense(3)])
+        population = keras_es.Population(model, 4, space, LOSS, engine.SGD("lr", momentum=0.9))
+        system = keras_es.KerasSystem(population, _classification_data(256, 0), batch_size=16)
+        return keras_es.MetaTrainer(system, keras_es.pes(0.2, 3, horizon=7), space, 4,
+                                    optimizer=keras.optimizers.Adam(0.05), seed=5)
+
+    straight = build()
+    straight.train(3)
+    path = straight.save(str(tmp_path / "ckpt"))
+    expected = straight.train(3)
+    resumed = build()
+    resumed.restore(path)
+    got = resumed.train(3)
+    np.testing.assert_array_equal(got["lr"], expected["lr"])
+    np.testing.assert_array_equal(got["loss"], expected["loss"])
