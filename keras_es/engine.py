@@ -49,10 +49,10 @@ class _InnerOptimizer:
 
     slot_names: tuple[str, ...] = ()
 
-    def __init__(self, learning_rate, weight_decay, per_variable):
+    def __init__(self, learning_rate, weight_decay, l2, per_variable):
         self.learning_rate = (learning_rate if isinstance(learning_rate, Schedule)
                               else schedules.Constant(learning_rate))
-        self.weight_decay = weight_decay
+        self.weight_decay, self.l2 = weight_decay, l2
         self.per_variable = dict(per_variable or {})
         for pattern, roles in self.per_variable.items():
             unknown = set(roles) - set(self._per_variable_roles())
@@ -62,12 +62,11 @@ class _InnerOptimizer:
                     f"some of {sorted(self._per_variable_roles())}.")
 
     def _per_variable_roles(self):
-        return ("learning_rate_multiplier",)
+        return ("learning_rate", "learning_rate_multiplier")
 
     def values(self) -> list[Value]:
         out = [self.learning_rate]
-        if self.weight_decay is not None:
-            out.append(self.weight_decay)
+        out += [v for v in (self.weight_decay, self.l2) if v is not None]
         for roles in self.per_variable.values():
             out.extend(roles.values())
         return out
@@ -87,7 +86,12 @@ class _InnerOptimizer:
             shape = tf.concat([[n], tf.ones([tf.rank(var) - 1], tf.int32)], 0)
             multiplier = schedules.resolve(self._role(path, "learning_rate_multiplier", 1.0),
                                            hp, n)
-            lr = tf.reshape(learning_rate * multiplier, shape)
+            own = self._role(path, "learning_rate", None)
+            base = learning_rate if own is None else schedules.resolve(own, hp, n)
+            lr = tf.reshape(base * multiplier, shape)
+            if self.l2 is not None and path.endswith(("kernel", "embeddings")):
+                # d/dw of l2 * sum(w^2), Keras's L2 regularizer
+                grad = grad + 2.0 * tf.reshape(schedules.resolve(self.l2, hp, n), shape) * var
             if self.weight_decay is not None:
                 wd = tf.reshape(schedules.resolve(self.weight_decay, hp, n), shape)
                 var = var - var * wd * lr  # Keras: decay applied before the update
@@ -107,20 +111,25 @@ class SGD(_InnerOptimizer):
         momentum: A number or a hyperparameter name.
         nesterov: Nesterov momentum (static).
         weight_decay: Optional decoupled weight decay (Keras semantics), number or name.
-        per_variable: ``{glob pattern on variable path: {"learning_rate_multiplier": v,
-            "momentum": v}}``, per weight-block values (first matching pattern wins).
+        l2: Optional L2 penalty ``l2 * sum(w^2)`` on kernels and embeddings (variables
+            whose path matches ``*kernel`` or ``*embeddings``), number or name.
+        per_variable: ``{glob pattern on variable path: {role: value}}``, per weight-block
+            values; roles ``"learning_rate"`` (replaces the schedule),
+            ``"learning_rate_multiplier"`` and ``"momentum"``. The first matching
+            pattern that sets a role wins.
     """
 
     slot_names = ("momentum",)
 
     def __init__(self, learning_rate: Value | Schedule = 0.01, momentum: Value = 0.0,
                  nesterov: bool = False, weight_decay: Value | None = None,
+                 l2: Value | None = None,
                  per_variable: Mapping[str, Mapping[str, Value]] | None = None):
         self.momentum, self.nesterov = momentum, bool(nesterov)
-        super().__init__(learning_rate, weight_decay, per_variable)
+        super().__init__(learning_rate, weight_decay, l2, per_variable)
 
     def _per_variable_roles(self):
-        return ("learning_rate_multiplier", "momentum")
+        return ("learning_rate", "learning_rate_multiplier", "momentum")
 
     def values(self):
         return super().values() + [self.momentum]
@@ -146,17 +155,19 @@ class Adam(_InnerOptimizer):
         beta_1, beta_2: Numbers or hyperparameter names.
         epsilon: A number.
         weight_decay: Optional decoupled weight decay (Keras semantics).
-        per_variable: ``{glob pattern: {"learning_rate_multiplier": v}}``.
+        l2: Optional L2 penalty on kernels and embeddings, as for `SGD`.
+        per_variable: ``{glob pattern: {"learning_rate": v,
+            "learning_rate_multiplier": v}}``.
     """
 
     slot_names = ("m", "v")
 
     def __init__(self, learning_rate: Value | Schedule = 0.001, beta_1: Value = 0.9,
                  beta_2: Value = 0.999, epsilon: float = 1e-7,
-                 weight_decay: Value | None = None,
+                 weight_decay: Value | None = None, l2: Value | None = None,
                  per_variable: Mapping[str, Mapping[str, Value]] | None = None):
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, float(epsilon)
-        super().__init__(learning_rate, weight_decay, per_variable)
+        super().__init__(learning_rate, weight_decay, l2, per_variable)
 
     def values(self):
         return super().values() + [self.beta_1, self.beta_2]
@@ -354,9 +365,11 @@ class Population:
             xb, yb = (args[2], args[3]) if per_particle else (x, y)
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
-                y_pred, non_trainable = model.stateless_call(trainable, non_trainable, xb,
-                                                             training=True)
+                y_pred, non_trainable, losses = model.stateless_call(
+                    trainable, non_trainable, xb, training=True, return_losses=True)
                 loss = self._loss(yb, y_pred)
+                if losses:  # the model's own regularizers, as Keras's fit adds them
+                    loss += tf.add_n([tf.cast(v, tf.float32) for v in losses])
             return loss, tuple(tape.gradient(loss, trainable)), tuple(non_trainable)
 
         args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())

@@ -14,12 +14,14 @@ N = 3
 STEPS = 20
 
 
-def _model(seed=0, batch_norm=True):
+def _model(seed=0, batch_norm=True, l2=None):
     keras.utils.set_random_seed(seed)
-    layers = [keras.Input((6,)), keras.layers.Dense(8, activation="relu")]
+    reg = keras.regularizers.L2(l2) if l2 else None
+    layers = [keras.Input((6,)), keras.layers.Dense(8, activation="relu", kernel_regularizer=reg)]
     if batch_norm:
         layers.append(keras.layers.BatchNormalization())
-    layers += [keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)]
+    layers += [keras.layers.Dense(8, activation="tanh", kernel_regularizer=reg),
+               keras.layers.Dense(3, kernel_regularizer=reg)]
     return keras.Sequential(layers)
 
 
@@ -32,8 +34,8 @@ def _batches():
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _keras_reference(optimizer, weight_decay=None):
-    model = _model()
+def _keras_reference(optimizer, l2=None):
+    model = _model(l2=l2)
     model.compile(optimizer=optimizer, loss=LOSS)
     for x, y in _batches():
         model.train_on_batch(x, y)
@@ -54,6 +56,14 @@ CASES = {
     "adam": (lambda: keras.optimizers.Adam(0.01, beta_1=0.8, beta_2=0.99),
              lambda: engine.Adam("lr", beta_1="beta_1", beta_2="beta_2"),
              {"lr": 0.01, "beta_1": 0.8, "beta_2": 0.99}),
+    # The model's own regularizers count, as in fit ...
+    "sgd_model_regularizer": (lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+                              lambda: engine.SGD("lr", momentum="momentum"),
+                              {"lr": 0.05, "momentum": 0.9}, {"l2": 0.01}, {"l2": 0.01}),
+    # ... and the engine's per-particle l2 is the same penalty.
+    "sgd_engine_l2": (lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+                      lambda: engine.SGD("lr", momentum="momentum", l2="l2"),
+                      {"lr": 0.05, "momentum": 0.9, "l2": 0.01}, {"l2": 0.01}, {}),
     "adam_schedule": (
         lambda: keras.optimizers.Adam(keras.optimizers.schedules.InverseTimeDecay(
             0.01, decay_steps=5, decay_rate=1.0)),
@@ -61,17 +71,18 @@ CASES = {
         {"lr": 0.01}),
 }
 
-TRANSFORMS = {"lr": "log", "momentum": "logit", "wd": "log", "beta_1": "logit",
+TRANSFORMS = {"lr": "log", "momentum": "logit", "wd": "log", "l2": "log", "beta_1": "logit",
               "beta_2": "log_one_minus"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_keras_optimizer(name):
-    keras_optimizer, engine_optimizer, values = CASES[name]
-    reference = _keras_reference(keras_optimizer())
+    keras_optimizer, engine_optimizer, values, *model_kwargs = CASES[name]
+    reference_kwargs, engine_kwargs = model_kwargs or ({}, {})
+    reference = _keras_reference(keras_optimizer(), **reference_kwargs)
     space = keras_es.SearchSpace([keras_es.Hyperparameter(k, v, TRANSFORMS[k])
                                   for k, v in values.items()])
-    template = _model()
+    template = _model(**engine_kwargs)
     population = keras_es.Population(template, N, space, LOSS, engine_optimizer(),
                                      initialize="copy")
     state = population.copy_state()
@@ -274,3 +285,26 @@ def test_population_checkpoint_resume_reproduces_meta_training(tmp_path):
     got = resumed.train(3)
     np.testing.assert_array_equal(got["lr"], expected["lr"])
     np.testing.assert_array_equal(got["loss"], expected["loss"])
+
+
+def test_per_variable_learning_rates():
+    """A block with learning rate 0 stays put; a multiplier scales another block's step."""
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log"),
+                                  keras_es.Hyperparameter("frozen", 0.0, "identity")])
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="first"),
+                              keras.layers.Dense(3, name="second")])
+    optimizer = engine.SGD("lr", per_variable={"*first/kernel": {"learning_rate": "frozen"},
+                                               "*second/*": {"learning_rate_multiplier": 2.0}})
+    population = keras_es.Population(model, 2, space, LOSS, optimizer, initialize="copy")
+    paths = population.trainable_paths
+    state = population.copy_state()
+    x, y = _classification_data(16, 0)
+    new, _ = population.train_step(state, tf.tile(space.encode()[None], [2, 1]), x, y)
+    first = paths.index([p for p in paths if p.endswith("first/kernel")][0])
+    np.testing.assert_array_equal(new.trainable[first], state.trainable[first])
+    plain = keras_es.Population(model, 2, space, LOSS, engine.SGD("lr"), initialize="copy")
+    reference, _ = plain.train_step(state, tf.tile(space.encode()[None], [2, 1]), x, y)
+    second = paths.index([p for p in paths if p.endswith("second/kernel")][0])
+    np.testing.assert_allclose(new.trainable[second] - state.trainable[second],
+                               2.0 * (reference.trainable[second] - state.trainable[second]),
+                               rtol=1e-5, atol=1e-7)
