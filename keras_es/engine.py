@@ -152,7 +152,8 @@ class Adam(_InnerOptimizer):
 
     Args:
         learning_rate: A number, a hyperparameter name, or a `Schedule`.
-        beta_1, beta_2: Numbers or hyperparameter names.
+        beta_1: A number or a hyperparameter name.
+        beta_2: A number or a hyperparameter name.
         epsilon: A number.
         weight_decay: Optional decoupled weight decay (Keras semantics).
         l2: Optional L2 penalty on kernels and embeddings, as for `SGD`.
@@ -348,9 +349,10 @@ class Population:
         Args:
             state: The population's state.
             theta: float32 ``[N, dim]`` unconstrained hyperparameters.
-            x, y: A batch shared by all particles (``[B, ...]``), or one batch per
+            x: A batch shared by all particles (``[B, ...]``), or one batch per
                 particle (``[N, B, ...]``) when ``x`` has one more dimension than the
                 model's input.
+            y: The matching targets.
 
         Returns:
             ``(new_state, loss [N])``.
