@@ -40,10 +40,13 @@ def pair_seeds(seed: tf.Tensor | int, stream: int, pair_index: tf.Tensor,
     pair_index = tf.cast(pair_index, tf.int32)
     counter = tf.broadcast_to(tf.cast(counter, tf.int32), tf.shape(pair_index))
     base = tf.stack([tf.cast(seed, tf.int32), tf.constant(stream, tf.int32)])
-    return _fold_pairs(base, pair_index, counter)
+    seeds = _fold_pairs(base, pair_index, counter)
+    # Keep the static number of pairs: systems may size their state from keys.shape[0].
+    seeds.set_shape([pair_index.shape[0], 2])
+    return seeds
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True)
 def _fold_pairs(base, pair_index, counter):
     def one(args):
         index, count = args

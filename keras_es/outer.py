@@ -13,6 +13,9 @@ from keras_es.estimators import Estimator
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import UnrolledSystem
 
+# Raw theta vectors longer than this are logged by their norm, not per coordinate.
+MAX_LOGGED_COORDINATES = 16
+
 
 class MetaTrainer:
     """Meta-trains hyperparameters ``theta`` of an unrolled system with ES estimates.
@@ -128,8 +131,10 @@ class MetaTrainer:
         theta = self.theta_value
         if self.space:
             logs.update(self.space.decode(theta))
-        else:
+        elif theta.size <= MAX_LOGGED_COORDINATES:
             logs.update({f"theta_{i}": float(v) for i, v in enumerate(theta)})
+        else:
+            logs["theta_norm"] = float(np.linalg.norm(theta))
         return logs
 
     def train(self, num_steps: int, verbose: int = 0, callback: Callable | None = None) -> dict:

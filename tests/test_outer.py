@@ -98,3 +98,32 @@ def test_xla_matches_graph_mode():
         return trainer.theta_value
 
     np.testing.assert_allclose(run(True), run(False), rtol=1e-5, atol=1e-6)
+
+
+def test_keys_keep_static_shape_across_population_sizes():
+    """Systems may size their state from keys.shape[0], whatever trainers came before."""
+
+    class Toy(keras_es.UnrolledSystem):
+        def init(self, keys):
+            return tf.zeros([keys.shape[0]], tf.float32)
+
+        def step(self, state, theta, keys):
+            return state, tf.reduce_sum(theta ** 2, -1) + state, None
+
+    for n in (4, 8, 16):
+        trainer = keras_es.MetaTrainer(Toy(), keras_es.full_es(0.1, horizon=1),
+                                       np.zeros(2, np.float32), num_particles=n)
+        assert trainer.step()["valid_pairs"] == n // 2
+
+
+def test_long_theta_is_logged_by_norm(system):
+    class Quadratic(keras_es.UnrolledSystem):
+        def init(self, keys):
+            return tf.zeros([keys.shape[0]])
+
+        def step(self, state, theta, keys):
+            return state, tf.reduce_sum(theta ** 2, -1), None
+
+    logs = keras_es.MetaTrainer(Quadratic(), keras_es.full_es(0.1, horizon=1),
+                                np.ones(100, np.float32), 4).step()
+    assert "theta_0" not in logs and logs["theta_norm"] > 0
