@@ -5,6 +5,8 @@ STAMP := $(VENV)/.installed
 DEMO ?= $(VPY) examples/influence_balancing.py --quick --out results/influence_balancing.json
 
 export TF_CPP_MIN_LOG_LEVEL := 2
+# mkdocs-material prints an end-of-life banner on every build; it is not a warning of ours.
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: venv demo test lint docs clean
 
