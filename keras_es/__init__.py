@@ -5,6 +5,7 @@ truncated unrolls: PES, ES-Single (noise reuse), Guided ES and telescoping sums.
 """
 
 from keras_es import engine, guided, layers, noise, schedules, systems, transforms
+from keras_es.callback import ESCallback
 from keras_es.engine import Population, PopulationState
 from keras_es.estimators import (
     ESTIMATORS,
@@ -25,6 +26,7 @@ from keras_es.unrolled import UnrolledSystem, select
 __version__ = "0.1.0"
 
 __all__ = [
+    "ESCallback",
     "ESTIMATORS",
     "Estimator",
     "EstimatorState",

@@ -86,8 +86,12 @@ class MetaTrainer:
 
         system_state = estimator.init_system(system, self.num_pairs, self.seed)
         state = estimator.init(self.num_pairs, initial.size)
-        system_state, state = estimator.burn_in(system, system_state, state,
-                                                tf.constant(initial), self.seed)
+        # Compiled: a burn-in can be as long as a whole episode.
+        burn_in = tf.function(
+            lambda s, st: estimator.burn_in(system, s, st, tf.constant(initial), self.seed),
+            jit_compile=jit_compile)
+        if int(tf.reduce_max(estimator.start_offsets(self.num_pairs))) > 0:
+            system_state, state = burn_in(system_state, state)
         self._system_vars = tf.nest.map_structure(_variable, system_state)
         self._state_vars = tf.nest.map_structure(_variable, state)
         self._step_fn = tf.function(self._step, jit_compile=jit_compile)

@@ -1,0 +1,303 @@
+"""`ESCallback`: tune hyperparameters online, inside ``model.fit``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_es import engine, schedules
+from keras_es.estimators import ESTIMATORS, Estimator
+from keras_es.keras_system import KerasSystem
+from keras_es.outer import MetaTrainer
+from keras_es.transforms import SearchSpace
+
+_KERAS_OPTIMIZER = {engine.SGD: keras.optimizers.SGD, engine.Adam: keras.optimizers.Adam}
+# Optimizer attributes Keras reads as Python floats when it traces the train step: a
+# new value takes effect only after the step is traced again (once per epoch here).
+_TRACED = {engine.SGD: ("momentum", "weight_decay"),
+           engine.Adam: ("beta_1", "beta_2", "weight_decay")}
+
+
+class ESCallback(keras.callbacks.Callback):
+    """Tunes the hyperparameters of the model being fit with ES on particle unrolls.
+
+    While ``fit`` trains the model with the current (mean) hyperparameters, a population
+    of N particles (copies of the model, each with perturbed hyperparameters) trains on
+    ``train_data`` in truncated unrolls of K steps, one window every K batches of
+    ``fit``. Each window gives an ES estimate of the hypergradient (ES-Single by
+    default); an outer Keras optimizer updates theta, and the callback applies the new
+    values to the model: its learning rate (evaluated from the schedule at the model's
+    own step every batch), momentum, Adam betas, weight decay (traced once per epoch),
+    and `keras_es.layers` widths and dropout rates.
+
+    Example:
+
+    ```python
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.01, "log"),
+                                  keras_es.Hyperparameter("momentum", 0.5, "logit")])
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.5), loss=...)
+    model.fit(train_ds, epochs=5, callbacks=[keras_es.ESCallback(
+        space, keras_es.engine.SGD("lr", momentum="momentum"),
+        train_data=(x_train, y_train), meta_data=(x_val, y_val))])
+    ```
+
+    Args:
+        space: The `SearchSpace` of tuned hyperparameters, in natural units.
+        optimizer: `keras_es.engine.SGD` or `keras_es.engine.Adam` naming which
+            hyperparameter drives which optimizer value; it must match the type of the
+            optimizer the model is compiled with.
+        train_data: The particles' training data: ``(x, y)`` arrays or a finite
+            ``tf.data.Dataset`` (a callback cannot see ``fit``'s data).
+        meta_data: Data for the meta-objective (validation data).
+        estimator: ``"es_single"`` (default), ``"pes"``, ``"truncated_es"``,
+            ``"full_es"``, or an `Estimator` (then sigma, K, horizon, objective are its).
+        num_particles: N, even.
+        sigma: Perturbation scale in unconstrained units.
+        truncation_length: K, particle steps per window (and ``fit`` batches per update).
+        horizon: T, steps of a particle's inner problem; default: the steps of the fit.
+        objective: ``"sum"`` of per-step validation losses or the telescoped ``"final"``.
+        batch_size: The particles' minibatch size.
+        meta_batch_size: Validation batch size per step or episode.
+        outer_optimizer: Keras optimizer for theta (default ``Adam(0.01)``).
+        layer_hyperparameters: ``{variable path pattern: name}`` for `keras_es.layers`
+            (see `keras_es.Population`).
+        backup_dir: Directory where the ES state is saved at every epoch end and
+            restored from at train begin; use the ``backup_dir`` of the
+            ``keras.callbacks.BackupAndRestore`` in the same fit.
+        seed: Integer seed of all noise and particle data.
+        verbose: 0 silent, 1 one line per epoch, 2 one line per window.
+    """
+
+    def __init__(self, space: SearchSpace, optimizer, train_data, meta_data=None,
+                 estimator: str | Estimator = "es_single", num_particles: int = 8,
+                 sigma: float = 0.1, truncation_length: int = 10, horizon: int | None = None,
+                 objective: str = "sum", batch_size: int = 32,
+                 meta_batch_size: int | None = None,
+                 outer_optimizer: keras.optimizers.Optimizer | None = None,
+                 layer_hyperparameters: dict | None = None, backup_dir: str | None = None,
+                 seed: int = 0, verbose: int = 0):
+        super().__init__()
+        if not isinstance(space, SearchSpace):
+            raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
+        if type(optimizer) not in _KERAS_OPTIMIZER:
+            raise ValueError(f"optimizer={optimizer!r} is invalid; expected "
+                             "keras_es.engine.SGD(...) or keras_es.engine.Adam(...).")
+        missing = sorted({n for v in optimizer.values() for n in schedules.names(v)}
+                         - set(space.names))
+        if missing:
+            raise ValueError(f"optimizer refers to hyperparameters {missing} that space does "
+                             f"not declare; space has {space.names}.")
+        if optimizer.per_variable:
+            raise ValueError("optimizer has per_variable values, which a single Keras "
+                             "optimizer cannot apply to the fitted model; tune them with a "
+                             "keras_es.Population and MetaTrainer instead.")
+        if isinstance(estimator, str) and estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
+                             f"{sorted(ESTIMATORS)} or an Estimator.")
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
+                or num_particles < 2 or num_particles % 2:
+            raise ValueError(f"num_particles={num_particles!r} is invalid; expected an even "
+                             "integer >= 2 (antithetic pairs).")
+        if isinstance(estimator, str):
+            for name, value in (("truncation_length", truncation_length),
+                                ("horizon", horizon)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or value < 1):
+                    raise ValueError(f"{name}={value!r} is invalid; expected a positive "
+                                     "integer.")
+            if horizon is not None and horizon < truncation_length:
+                raise ValueError(f"horizon={horizon} is shorter than truncation_length="
+                                 f"{truncation_length}; expected horizon >= truncation_length.")
+            if not (isinstance(sigma, (int, float)) and sigma > 0):
+                raise ValueError(f"sigma={sigma!r} is invalid; expected a number > 0.")
+        if train_data is None:
+            raise ValueError("train_data=None is invalid; the particles need (x, y) data or a "
+                             "tf.data.Dataset to train on.")
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose={verbose!r} is invalid; expected 0, 1 or 2.")
+        self.space, self.inner_optimizer = space, optimizer
+        self.train_data, self.meta_data = train_data, meta_data
+        self.estimator, self.num_particles = estimator, num_particles
+        self.sigma, self.truncation_length = sigma, truncation_length
+        self.horizon, self.objective = horizon, objective
+        self.batch_size, self.meta_batch_size = batch_size, meta_batch_size
+        self.outer_optimizer = outer_optimizer
+        self.layer_hyperparameters = dict(layer_hyperparameters or {})
+        self.backup_dir, self.seed, self.verbose = backup_dir, int(seed), verbose
+        self.trainer: MetaTrainer | None = None
+        self._window_logs: dict = {}
+
+    # ------------------------------------------------------------------ set-up
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if model.optimizer is None or not getattr(model, "compiled", False):
+            raise ValueError("ESCallback needs a compiled model; call model.compile(...) "
+                             "before fit.")
+        expected = _KERAS_OPTIMIZER[type(self.inner_optimizer)]
+        if type(model.optimizer) is not expected:
+            raise ValueError(
+                f"The model is compiled with {type(model.optimizer).__name__}, but optimizer="
+                f"{type(self.inner_optimizer).__name__}(...) tunes a {expected.__name__}; "
+                "compile the model with the matching Keras optimizer.")
+        if isinstance(model.optimizer._learning_rate,
+                      keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError("The model's optimizer has a LearningRateSchedule; compile it "
+                             "with a float learning rate: ESCallback sets the rate every batch "
+                             "from its own (tuned) schedule.")
+        if (isinstance(self.inner_optimizer, engine.SGD)
+                and isinstance(self.inner_optimizer.momentum, str)
+                and not model.optimizer.momentum):
+            raise ValueError("optimizer tunes momentum, but the model's SGD was compiled with "
+                             "momentum=0, so Keras built no momentum buffers; compile with a "
+                             "non-zero momentum.")
+        estimator = self.estimator
+        if isinstance(estimator, str):
+            horizon = self.horizon
+            # With the whole fit as the horizon the particles never restart during it, so
+            # staggering (and its burn-in) has nothing to spread out.
+            stagger = horizon is not None
+            if horizon is None:
+                steps = self.params.get("steps") or 0
+                horizon = steps * self.params.get("epochs", 1) or None
+                if horizon is not None and horizon < self.truncation_length:
+                    raise ValueError(
+                        f"The fit has {horizon} steps in all, fewer than truncation_length="
+                        f"{self.truncation_length}; lower truncation_length or set horizon.")
+            factory = ESTIMATORS[estimator]
+            if estimator == "full_es":
+                estimator = factory(self.sigma, horizon=horizon or self.truncation_length,
+                                    objective=self.objective)
+            else:
+                estimator = factory(self.sigma, self.truncation_length, horizon=horizon,
+                                    objective=self.objective, stagger=stagger)
+        loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
+        if not callable(loss):
+            raise ValueError(f"The model's loss {model.loss!r} is not a single callable loss; "
+                             "ESCallback supports single-output models.")
+        population = engine.Population(
+            model, self.num_particles, self.space, loss, self.inner_optimizer,
+            layer_hyperparameters=self.layer_hyperparameters)
+        system = KerasSystem(population, self.train_data, self.meta_data,
+                             batch_size=self.batch_size, meta_batch_size=self.meta_batch_size,
+                             step_loss="meta" if self.meta_data is not None else "train")
+        self.trainer = MetaTrainer(
+            system, estimator, self.space, self.num_particles,
+            optimizer=self.outer_optimizer or keras.optimizers.Adam(0.01), seed=self.seed,
+            jit_compile=True)
+        self._batches = 0
+        if self.backup_dir and os.path.exists(self._pointer_path):
+            with open(self._pointer_path) as f:
+                pointer = json.load(f)
+            self.trainer.restore(os.path.join(self.backup_dir, pointer["prefix"]))
+            self._batches = pointer["batches"]
+        self._apply(retrace=True)
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_begin(self, batch, logs=None):
+        self._set_learning_rate()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches % self.trainer.estimator.truncation_length:
+            return
+        self._window_logs = self.trainer.step()
+        self._apply(retrace=False)
+        if self.verbose == 2:
+            keras.utils.io_utils.print_msg("ESCallback window: " + self._summary())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.trainer is None:
+            return
+        self._apply(retrace=True)
+        if logs is not None:
+            logs.update(self.epoch_logs())
+        if self.backup_dir:
+            self._save()
+        if self.verbose == 1:
+            keras.utils.io_utils.print_msg(f"Epoch {epoch + 1}: ESCallback " + self._summary())
+
+    def epoch_logs(self) -> dict:
+        """``es_<name>`` hyperparameter values (natural units) and the last window's
+        ``es_meta_loss``, ``es_gradient_norm`` and ``es_diverged_pairs``."""
+        out = {f"es_{k}": float(v) for k, v in self.values.items()}
+        w = self._window_logs
+        if w:
+            out["es_meta_loss"] = w["meta_loss"] if np.isfinite(w["meta_loss"]) else w["loss"]
+            out["es_gradient_norm"] = w["gradient_norm"]
+            out["es_diverged_pairs"] = float(int(self.trainer.state.diverged))
+        return out
+
+    @property
+    def values(self) -> dict:
+        """The current hyperparameters in natural units."""
+        if self.trainer is None:
+            return self.space.decode(self.space.encode())
+        return self.trainer.values
+
+    def _summary(self):
+        return ", ".join(f"{k}={v:.4g}" for k, v in self.epoch_logs().items())
+
+    # ------------------------------------------------------------------ applying theta
+    def _hyperparameters(self):
+        theta = tf.constant(self.trainer.theta_value[None])
+        return {k: v for k, v in self.space.decode(theta).items()}
+
+    def _set_learning_rate(self):
+        optimizer = self.model.optimizer
+        step = tf.cast(tf.reshape(optimizer.iterations, [1]), tf.float32)
+        lr = self.inner_optimizer.learning_rate(step, self._hyperparameters())
+        optimizer.learning_rate.assign(float(lr[0]))
+
+    def _apply(self, retrace: bool):
+        hp = self._hyperparameters()
+        self._set_learning_rate()
+        population = self.trainer.system.population
+        for index, name in population._bound.items():
+            self.model.non_trainable_variables[index].assign(float(hp[name][0]))
+        if not retrace:
+            return
+        optimizer = self.model.optimizer
+        changed = False
+        for attribute in _TRACED[type(self.inner_optimizer)]:
+            value = getattr(self.inner_optimizer, attribute)
+            if isinstance(value, str) and float(hp[value][0]) != getattr(optimizer, attribute):
+                setattr(optimizer, attribute, float(hp[value][0]))
+                changed = True
+        if changed:
+            # Keras bakes these floats into the traced step: trace it again.
+            self.model.make_train_function(force=True)
+
+    # ------------------------------------------------------------------ backups
+    @property
+    def _pointer_path(self):
+        return os.path.join(self.backup_dir, "es_state.json")
+
+    def _save(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        # Alternate between two checkpoints and switch an atomically replaced pointer,
+        # so an interruption mid-write never leaves only a torn checkpoint.
+        current = None
+        if os.path.exists(self._pointer_path):
+            with open(self._pointer_path) as f:
+                current = json.load(f)["prefix"]
+        prefix = "es_state_b" if current == "es_state_a" else "es_state_a"
+        self.trainer.save(os.path.join(self.backup_dir, prefix))
+        tmp = self._pointer_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"prefix": prefix, "batches": self._batches,
+                       "outer_step": int(self.trainer.outer_step.numpy())}, f)
+        os.replace(tmp, self._pointer_path)
+
+    def get_config(self) -> dict:
+        estimator = self.estimator if isinstance(self.estimator, str) else self.estimator.name
+        return {"space": self.space.get_config(), "estimator": estimator,
+                "num_particles": self.num_particles, "sigma": self.sigma,
+                "truncation_length": self.truncation_length, "horizon": self.horizon,
+                "objective": self.objective, "batch_size": self.batch_size,
+                "meta_batch_size": self.meta_batch_size,
+                "layer_hyperparameters": self.layer_hyperparameters,
+                "backup_dir": self.backup_dir, "seed": self.seed, "verbose": self.verbose}

@@ -1,0 +1,130 @@
+"""ESCallback: online tuning inside model.fit, logs, errors, interruption and resume."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_es
+
+SPACE = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 1e-3, "log"),
+                              keras_es.Hyperparameter("momentum", 0.5, "logit")])
+
+
+def _data(n, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(10, 3))
+    x = rng.normal(size=(n, 10)).astype("float32")
+    return x, np.argmax(x @ w, axis=1)
+
+
+def _model(momentum=0.5):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=momentum),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _callback(**kwargs):
+    settings = dict(train_data=_data(512, 1), meta_data=_data(256, 2), num_particles=8,
+                    sigma=0.3, truncation_length=4, batch_size=32,
+                    outer_optimizer=keras.optimizers.Adam(0.1), seed=3)
+    settings.update(kwargs)
+    return keras_es.ESCallback(SPACE, keras_es.engine.SGD("lr", momentum="momentum"),
+                               **settings)
+
+
+X, Y = _data(512, 0)
+
+
+def test_fit_tunes_and_applies_hyperparameters():
+    model = _model()
+    callback = _callback()
+    history = model.fit(X, Y, batch_size=32, epochs=3, shuffle=False, verbose=0,
+                        callbacks=[callback])
+    logs = history.history
+    for key in ("es_lr", "es_momentum", "es_meta_loss", "es_gradient_norm",
+                "es_diverged_pairs"):
+        assert len(logs[key]) == 3, key
+    # 16 batches per epoch, K = 4: 12 windows; a far too small lr is raised.
+    assert int(callback.trainer.outer_step.numpy()) == 12
+    assert logs["es_lr"][-1] > 3e-3
+    assert callback.values["lr"] == pytest.approx(logs["es_lr"][-1])
+    # Applied to the fitted model: the rate every batch, momentum at epoch ends.
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(
+        callback.values["lr"], rel=1e-5)
+    assert model.optimizer.momentum == pytest.approx(callback.values["momentum"], rel=1e-5)
+    assert np.all(np.isfinite(model.get_weights()[0]))
+    config = callback.get_config()
+    assert config["num_particles"] == 8 and config["estimator"] == "es_single"
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at = (epoch, batch)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_the_same_theta_trajectory(tmp_path):
+    def run(callbacks):
+        return _model().fit(X, Y, batch_size=32, epochs=4, shuffle=False, verbose=0,
+                            callbacks=callbacks)
+
+    straight = _callback()
+    expected = run([straight]).history["es_lr"]
+
+    backup = str(tmp_path / "backup")
+    first = _callback(backup_dir=backup)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run([keras.callbacks.BackupAndRestore(backup), first, Interrupt(2, 5)])
+    resumed = _callback(backup_dir=backup)
+    history = run([keras.callbacks.BackupAndRestore(backup), resumed])
+    # The resumed fit runs epochs 2 and 3 again from the epoch-1 backup.
+    assert len(history.history["es_lr"]) == 2
+    np.testing.assert_allclose(history.history["es_lr"], expected[2:], rtol=1e-6)
+    np.testing.assert_allclose(resumed.trainer.theta_value, straight.trainer.theta_value,
+                               rtol=1e-6)
+
+
+def test_works_beside_model_checkpoint_and_early_stopping(tmp_path):
+    model = _model()
+    callbacks = [_callback(), keras.callbacks.ModelCheckpoint(str(tmp_path / "m.keras")),
+                 keras.callbacks.EarlyStopping(monitor="es_meta_loss", mode="min", patience=10)]
+    model.fit(X, Y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+    assert (tmp_path / "m.keras").exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_particles": 7}, "num_particles=7"),
+    ({"truncation_length": 0}, "truncation_length=0"),
+    ({"truncation_length": 8, "horizon": 4}, "horizon=4 is shorter"),
+    ({"train_data": None}, "train_data=None"),
+    ({"estimator": "cma"}, "estimator='cma'"),
+])
+def test_bad_settings_raise_before_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _callback(**kwargs)
+
+
+def test_bad_models_raise_at_train_begin():
+    with pytest.raises(ValueError, match="momentum=0"):
+        _model(momentum=0.0).fit(X, Y, epochs=1, verbose=0, callbacks=[_callback()])
+    adam = _model()
+    adam.compile(optimizer=keras.optimizers.Adam(1e-3),
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="compiled with Adam"):
+        adam.fit(X, Y, epochs=1, verbose=0, callbacks=[_callback()])
+    with pytest.raises(ValueError, match=r"hyperparameters \['beta'\]"):
+        keras_es.ESCallback(SPACE, keras_es.engine.SGD("lr", momentum="beta"),
+                            train_data=_data(10, 0))
