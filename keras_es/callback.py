@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import engine, schedules
+from keras_es import engine
 from keras_es.estimators import ESTIMATORS, Estimator
 from keras_es.keras_system import KerasSystem
 from keras_es.outer import MetaTrainer
@@ -83,14 +83,7 @@ class ESCallback(keras.callbacks.Callback):
         super().__init__()
         if not isinstance(space, SearchSpace):
             raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
-        if type(optimizer) not in _KERAS_OPTIMIZER:
-            raise ValueError(f"optimizer={optimizer!r} is invalid; expected "
-                             "keras_es.engine.SGD(...) or keras_es.engine.Adam(...).")
-        missing = sorted({n for v in optimizer.values() for n in schedules.names(v)}
-                         - set(space.names))
-        if missing:
-            raise ValueError(f"optimizer refers to hyperparameters {missing} that space does "
-                             f"not declare; space has {space.names}.")
+        engine.check_optimizer(optimizer, space)
         if optimizer.per_variable:
             raise ValueError("optimizer has per_variable values, which a single Keras "
                              "optimizer cannot apply to the fitted model; tune them with a "

@@ -186,6 +186,19 @@ class Adam(_InnerOptimizer):
         return var, [m, v]
 
 
+def check_optimizer(optimizer, space: SearchSpace) -> None:
+    """Raises ``ValueError`` unless ``optimizer`` is an inner optimizer whose
+    hyperparameter names all belong to ``space``."""
+    if not isinstance(optimizer, _InnerOptimizer):
+        raise ValueError(f"optimizer={optimizer!r} is invalid; expected "
+                         "keras_es.engine.SGD(...) or keras_es.engine.Adam(...).")
+    missing = sorted({n for v in optimizer.values() for n in schedules.names(v)}
+                     - set(space.names))
+    if missing:
+        raise ValueError(f"optimizer refers to hyperparameters {missing} that space does "
+                         f"not declare; space has {space.names}.")
+
+
 class Population:
     """N copies of a Keras model with per-particle hyperparameters.
 
@@ -237,17 +250,10 @@ class Population:
                              "positive integer.")
         if not isinstance(space, SearchSpace):
             raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
-        if not isinstance(optimizer, _InnerOptimizer):
-            raise ValueError(f"optimizer={optimizer!r} is invalid; expected "
-                             "keras_es.engine.SGD(...) or keras_es.engine.Adam(...).")
+        check_optimizer(optimizer, space)
         if initialize not in ("initializers", "copy"):
             raise ValueError(f"initialize={initialize!r} is invalid; expected "
                              "'initializers' or 'copy'.")
-        missing = sorted({n for v in optimizer.values() for n in schedules.names(v)}
-                         - set(space.names))
-        if missing:
-            raise ValueError(f"optimizer refers to hyperparameters {missing} that space does "
-                             f"not declare; space has {space.names}.")
         self.model, self.num_particles, self.space = model, num_particles, space
         self.loss, self.optimizer = loss, optimizer
         self.metrics = dict(metrics or {})
