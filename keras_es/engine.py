@@ -4,9 +4,10 @@ A `Population` stacks every weight of a Keras model N times (leading particle
 dimension), runs ``model.stateless_call`` for all particles at once under
 ``tf.vectorized_map`` with the gradient taken *inside* the map (a tape around the map
 is pathologically slow under XLA), and applies Keras's own optimizer equations with
-per-particle hyperparameters. Keras optimizers bake momentum and betas in as Python
-floats at trace time and cannot be stacked per particle, so the update equations of
-`SGD` and `Adam` are written here, term for term as in Keras 3.
+per-particle hyperparameters (`keras_es.vectorize` swaps Conv2D and max pooling for
+ops that vectorize while the step is traced). Keras optimizers bake momentum and betas
+in as Python floats at trace time and cannot be stacked per particle, so the update
+equations of `SGD` and `Adam` are written here, term for term as in Keras 3.
 
 Per-particle hyperparameters are decoded from one unconstrained vector per particle
 (``theta[i]``) through a `SearchSpace`. Non-trainable state (BatchNormalization
@@ -23,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import initializers, schedules
+from keras_es import initializers, schedules, vectorize
 from keras_es.schedules import Schedule, Value
 from keras_es.transforms import SearchSpace
 
@@ -381,7 +382,8 @@ class Population:
             return loss, tuple(tape.gradient(loss, trainable)), tuple(non_trainable)
 
         args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
-        loss, grads, non_trainable = tf.vectorized_map(one, args)
+        with vectorize.pfor_friendly(model):
+            loss, grads, non_trainable = tf.vectorized_map(one, args)
         trainable, slots = self.optimizer.apply(state.trainable, grads, state.slots, state.step,
                                                 hp, self.trainable_paths)
         return PopulationState(trainable, tuple(non_trainable), slots, state.step + 1), loss
@@ -406,7 +408,8 @@ class Population:
             return out
 
         args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
-        return tf.vectorized_map(one, args)
+        with vectorize.pfor_friendly(model):
+            return tf.vectorized_map(one, args)
 
     def _per_particle_batch(self, x) -> bool:
         rank = len(self.model.inputs[0].shape) if getattr(self.model, "inputs", None) else None
