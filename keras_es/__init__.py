@@ -4,7 +4,16 @@ Unbiased gradient estimates of hyperparameters through long training runs, from 
 truncated unrolls: PES, ES-Single (noise reuse), Guided ES and telescoping sums.
 """
 
-from keras_es import engine, guided, layers, noise, schedules, systems, transforms
+from keras_es import (
+    engine,
+    guided,
+    keras_system,
+    layers,
+    noise,
+    schedules,
+    systems,
+    transforms,
+)
 from keras_es.callback import ESCallback
 from keras_es.engine import Population, PopulationState
 from keras_es.estimators import (
@@ -43,6 +52,7 @@ __all__ = [
     "es_single",
     "full_es",
     "guided",
+    "keras_system",
     "layers",
     "noise",
     "pes",
