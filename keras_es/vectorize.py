@@ -10,7 +10,10 @@ While the engine traces a step, `pfor_friendly` swaps, for the layers of one mod
   concatenated along channels, then one matmul, which vectorizes into a batched matmul;
 * ``MaxPooling2D`` with ``pool_size == strides`` and ``"valid"`` padding: a reshape and
   a max, which vectorizes cleanly. Its gradient splits ties evenly where ``MaxPool``
-  picks one input; on real-valued activations exact ties are rare.
+  picks one input; on real-valued activations exact ties are rare;
+* recurrent layers (LSTM, GRU, SimpleRNN) run unrolled: the gradient of their graph
+  loop does not vectorize (its TensorList accumulators have no vectorized rule). This
+  needs a fixed number of time steps.
 
 Everything else is left as Keras computes it.
 """
@@ -73,17 +76,27 @@ def _swaps(model):
               and tuple(layer.pool_size) == tuple(layer.strides) and layer.padding == "valid"):
             yield layer, "call", lambda inputs, layer=layer: max_pool_reshape(inputs,
                                                                               layer.pool_size)
+        elif isinstance(layer, keras.layers.RNN) and not layer.unroll:
+            yield layer, "unroll", True
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager
 def pfor_friendly(model):
     """Within the block, ``model``'s Conv2D and MaxPooling2D layers compute with
-    vectorizable ops (see the module docstring); restored on exit."""
+    vectorizable ops and its recurrent layers unroll (see the module docstring);
+    restored on exit."""
     swapped = list(_swaps(model))
-    for layer, name, fn in swapped:
-        setattr(layer, name, fn)
+    saved = [vars(layer).get(name, _MISSING) for layer, name, _ in swapped]
+    for layer, name, value in swapped:
+        setattr(layer, name, value)
     try:
         yield
     finally:
-        for layer, name, _ in swapped:
-            delattr(layer, name)
+        for (layer, name, _), old in zip(swapped, saved, strict=True):
+            if old is _MISSING:
+                delattr(layer, name)
+            else:
+                setattr(layer, name, old)
