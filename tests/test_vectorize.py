@@ -85,8 +85,8 @@ def test_embedding_and_recurrent_population_matches_keras(recurrent):
     for x, y in batches:
         reference.train_on_batch(x, y)
     space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log")])
-    population = keras_es.Population(model(), 2, space, loss, keras_es.engine.SGD("lr", momentum=0.9),
-                                     initialize="copy")
+    population = keras_es.Population(model(), 2, space, loss,
+                                     keras_es.engine.SGD("lr", momentum=0.9), initialize="copy")
     state = population.copy_state()
     step = tf.function(population.train_step)
     for x, y in batches:
