@@ -111,6 +111,7 @@ def test_works_beside_model_checkpoint_and_early_stopping(tmp_path):
     ({"truncation_length": 8, "horizon": 4}, "horizon=4 is shorter"),
     ({"train_data": None}, "train_data=None"),
     ({"estimator": "cma"}, "estimator='cma'"),
+    ({"jit_compile": "always"}, "jit_compile='always'"),
 ])
 def test_bad_settings_raise_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
