@@ -437,7 +437,12 @@ class Population:
                                slots, tf.zeros([n], tf.int32))
 
     def count_flops_per_example(self) -> int:
-        """Multiply-adds x 2 of one forward pass of Dense/Conv layers (for benchmarks)."""
+        """Multiply-adds x 2 of one forward pass (for benchmarks).
+
+        Counts ``Dense`` layers on 2-D inputs and ``Conv2D`` layers only: a Dense layer
+        applied per position of a longer input is counted once, and other layers
+        (Conv1D/3D, depthwise, separable, transposed, EinsumDense, recurrent) not at all.
+        """
         flops = 0
         for layer in self.model._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, keras.layers.Dense):
