@@ -24,9 +24,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import initializers, schedules, vectorize
+from keras_es import checks, initializers, schedules, vectorize
 from keras_es.schedules import Schedule, Value
 from keras_es.transforms import SearchSpace
+from keras_es.unrolled import select
 
 
 class PopulationState(NamedTuple):
@@ -245,10 +246,7 @@ class Population:
         if not isinstance(model, keras.Model) or not model.built:
             raise ValueError(f"model={model!r} is invalid; expected a built keras.Model "
                              "(give it an Input or call it once).")
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
-                or num_particles < 1:
-            raise ValueError(f"num_particles={num_particles!r} is invalid; expected a "
-                             "positive integer.")
+        checks.positive_int("num_particles", num_particles)
         if not isinstance(space, SearchSpace):
             raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
         check_optimizer(optimizer, space)
@@ -338,8 +336,6 @@ class Population:
 
     def reset(self, state: PopulationState, mask: tf.Tensor, keys: tf.Tensor) -> PopulationState:
         """Re-initializes the particles where ``mask`` is true (an episode restart)."""
-        from keras_es.unrolled import select
-
         return select(mask, self.init(keys), state)
 
     def hyperparameters(self, theta: tf.Tensor) -> dict:

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from keras_es import checks
 from keras_es import guided as guided_lib
 from keras_es import noise as noise_lib
 from keras_es.unrolled import UnrolledSystem, select
@@ -174,30 +175,30 @@ class Estimator:
     normalize: bool = False
 
     def __post_init__(self):
-        _check_positive_float("sigma", self.sigma)
-        _check_positive_int("truncation_length", self.truncation_length)
+        checks.positive_float("sigma", self.sigma)
+        checks.positive_int("truncation_length", self.truncation_length)
         if self.horizon is not None:
-            _check_positive_int("horizon", self.horizon)
+            checks.positive_int("horizon", self.horizon)
         if isinstance(self.resample, str):
             if self.resample not in ("window", "episode"):
                 raise ValueError(
                     f"resample={self.resample!r} is invalid; expected 'window', 'episode' or "
                     "a positive integer M.")
         else:
-            _check_positive_int("resample", self.resample)
+            checks.positive_int("resample", self.resample)
         if self.objective not in _OBJECTIVES:
             raise ValueError(
                 f"objective={self.objective!r} is invalid; expected one of {_OBJECTIVES}.")
         if self.clip_loss_difference is not None:
-            _check_positive_float("clip_loss_difference", self.clip_loss_difference)
+            checks.positive_float("clip_loss_difference", self.clip_loss_difference)
         if self.guided is not None and not isinstance(self.guided, GuidedConfig):
             raise ValueError(f"guided={self.guided!r} is invalid; expected a GuidedConfig or None.")
 
     # ------------------------------------------------------------------ state
     def init(self, num_pairs: int, dim: int) -> EstimatorState:
         """Fresh state for ``num_pairs`` antithetic pairs and ``dim`` hyperparameters."""
-        _check_positive_int("num_pairs", num_pairs)
-        _check_positive_int("dim", dim)
+        checks.positive_int("num_pairs", num_pairs)
+        checks.positive_int("dim", dim)
         if self.guided is not None and self.guided.k > dim:
             raise ValueError(
                 f"guided k={self.guided.k} exceeds the number of hyperparameters dim={dim}; "
@@ -458,7 +459,7 @@ def full_es(sigma: float, horizon: int, objective: str = "sum", **kwargs) -> Est
 
     Unbiased for the Gaussian-smoothed objective; one update every ``horizon`` steps.
     """
-    _check_positive_int("horizon", horizon)
+    checks.positive_int("horizon", horizon)
     for fixed in ("stagger", "truncation_length", "resample", "accumulate"):
         if fixed in kwargs:
             raise ValueError(f"full_es() sets {fixed} itself (got {fixed}={kwargs[fixed]!r}): "
@@ -536,14 +537,3 @@ def _masked_std(x, mask):
     n = tf.maximum(tf.reduce_sum(m), 1.0)
     mean = tf.reduce_sum(x * m) / n
     return tf.sqrt(tf.reduce_sum(tf.square(x - mean) * m) / n)
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer.")
-
-
-def _check_positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-            or value != value or value == float("inf"):
-        raise ValueError(f"{name}={value!r} is invalid; expected a finite number > 0.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_es import checks
 from keras_es.engine import Population
 from keras_es.unrolled import UnrolledSystem
 
@@ -80,10 +81,9 @@ class KerasSystem(UnrolledSystem):
         if not isinstance(population, Population):
             raise ValueError(f"population={population!r} is invalid; expected a "
                              "keras_es.Population.")
-        for name, value in (("batch_size", batch_size), ("meta_batch_size", meta_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name}={value!r} is invalid; expected a positive integer.")
+        checks.positive_int("batch_size", batch_size)
+        if meta_batch_size is not None:
+            checks.positive_int("meta_batch_size", meta_batch_size)
         if step_loss not in ("train", "meta"):
             raise ValueError(f"step_loss={step_loss!r} is invalid; expected 'train' or 'meta'.")
         self.population = population

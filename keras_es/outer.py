@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_es import checks
 from keras_es.estimators import Estimator
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import UnrolledSystem
@@ -58,10 +59,7 @@ class MetaTrainer:
                              "such as keras_es.es_single(...).")
         if not isinstance(system, UnrolledSystem):
             raise ValueError(f"system={system!r} is invalid; expected a keras_es.UnrolledSystem.")
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
-                or num_particles < 2 or num_particles % 2:
-            raise ValueError(f"num_particles={num_particles!r} is invalid; expected an even "
-                             "integer >= 2 (particles come in antithetic pairs).")
+        checks.num_particles(num_particles)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed={seed!r} is invalid; expected an integer.")
         if surrogate is not None and estimator.guided is None:
