@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import engine
+from keras_es import checks, engine
 from keras_es.estimators import ESTIMATORS, Estimator
 from keras_es.keras_system import KerasSystem
 from keras_es.outer import MetaTrainer
@@ -102,22 +102,16 @@ class ESCallback(keras.callbacks.Callback):
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
                              f"{sorted(ESTIMATORS)} or an Estimator.")
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
-                or num_particles < 2 or num_particles % 2:
-            raise ValueError(f"num_particles={num_particles!r} is invalid; expected an even "
-                             "integer >= 2 (antithetic pairs).")
+        checks.num_particles(num_particles)
         if isinstance(estimator, str):
-            for name, value in (("truncation_length", truncation_length),
-                                ("horizon", horizon)):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                          or value < 1):
-                    raise ValueError(f"{name}={value!r} is invalid; expected a positive "
-                                     "integer.")
-            if horizon is not None and horizon < truncation_length:
-                raise ValueError(f"horizon={horizon} is shorter than truncation_length="
-                                 f"{truncation_length}; expected horizon >= truncation_length.")
-            if not (isinstance(sigma, (int, float)) and sigma > 0):
-                raise ValueError(f"sigma={sigma!r} is invalid; expected a number > 0.")
+            checks.positive_int("truncation_length", truncation_length)
+            if horizon is not None:
+                checks.positive_int("horizon", horizon)
+                if horizon < truncation_length:
+                    raise ValueError(f"horizon={horizon} is shorter than truncation_length="
+                                     f"{truncation_length}; expected horizon >= "
+                                     "truncation_length.")
+            checks.positive_float("sigma", sigma)
         if train_data is None:
             raise ValueError("train_data=None is invalid; the particles need (x, y) data or a "
                              "tf.data.Dataset to train on.")
@@ -253,18 +247,16 @@ class ESCallback(keras.callbacks.Callback):
         return ", ".join(f"{k}={v:.4g}" for k, v in self.epoch_logs().items())
 
     # ------------------------------------------------------------------ applying theta
-    def _hyperparameters(self):
-        theta = tf.constant(self.trainer.theta_value[None])
-        return {k: v for k, v in self.space.decode(theta).items()}
-
     def _set_learning_rate(self):
         optimizer = self.model.optimizer
         step = tf.cast(tf.reshape(optimizer.iterations, [1]), tf.float32)
-        lr = self.inner_optimizer.learning_rate(step, self._hyperparameters())
+        lr = self.inner_optimizer.learning_rate(step, self._hp)
         optimizer.learning_rate.assign(float(lr[0]))
 
     def _apply(self, retrace: bool):
-        hp = self._hyperparameters()
+        # theta changes only in a window or a restore, each followed by _apply: decode
+        # it here once instead of on every batch.
+        hp = self._hp = self.space.decode(tf.constant(self.trainer.theta_value[None]))
         self._set_learning_rate()
         population = self.trainer.system.population
         for index, name in population._bound.items():
