@@ -35,6 +35,32 @@ def test_max_pool_reshape_matches_max_pool():
                                   tf.nn.max_pool2d(x, (2, 3), (2, 3), "VALID"))
 
 
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _assert_population_matches_keras_sgd(model, batches, lr, jit_compile):
+    """Two identical particles follow ``train_on_batch`` with SGD(lr, momentum 0.9).
+
+    Returns the population's template model."""
+    reference = model()
+    reference.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss=LOSS)
+    for x, y in batches:
+        reference.train_on_batch(x, y)
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", lr, "log")])
+    template = model()
+    population = keras_es.Population(template, 2, space, LOSS,
+                                     keras_es.engine.SGD("lr", momentum=0.9), initialize="copy")
+    state = population.copy_state()
+    step = tf.function(population.train_step, jit_compile=jit_compile)
+    for x, y in batches:
+        state, _ = step(state, tf.tile(space.encode()[None], [2, 1]), x, y)
+    for ref, got in zip(reference.trainable_variables, state.trainable, strict=True):
+        for particle in range(2):
+            np.testing.assert_allclose(got.numpy()[particle], ref.numpy(), rtol=1e-4,
+                                       atol=1e-5)
+    return template
+
+
 def test_cnn_population_matches_keras_and_restores_layers():
     def model():
         keras.utils.set_random_seed(0)
@@ -43,24 +69,10 @@ def test_cnn_population_matches_keras_and_restores_layers():
             keras.layers.MaxPooling2D(2), keras.layers.Conv2D(4, 2, padding="same"),
             keras.layers.Flatten(), keras.layers.Dense(3)])
 
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(2)
     batches = [(rng.normal(size=(8, 8, 8, 1)).astype("float32"), rng.integers(0, 3, 8))
                for _ in range(5)]
-    reference = model()
-    reference.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=loss)
-    for x, y in batches:
-        reference.train_on_batch(x, y)
-    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log")])
-    template = model()
-    population = keras_es.Population(template, 2, space, loss,
-                                     keras_es.engine.SGD("lr", momentum=0.9), initialize="copy")
-    state = population.copy_state()
-    step = tf.function(population.train_step, jit_compile=True)
-    for x, y in batches:
-        state, _ = step(state, tf.tile(space.encode()[None], [2, 1]), x, y)
-    for ref, got in zip(reference.trainable_variables, state.trainable, strict=True):
-        np.testing.assert_allclose(got.numpy()[1], ref.numpy(), rtol=1e-4, atol=1e-5)
+    template = _assert_population_matches_keras_sgd(model, batches, 0.05, jit_compile=True)
     # The swap lasts only while the step is traced.
     assert "convolution_op" not in vars(template.layers[0])
     assert "call" not in vars(template.layers[1])
@@ -76,25 +88,13 @@ def test_embedding_and_recurrent_population_matches_keras(recurrent):
             keras.Input((5,), dtype="int32"), keras.layers.Embedding(12, 4),
             getattr(keras.layers, recurrent)(6), keras.layers.Dense(3)])
 
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(3)
     batches = [(rng.integers(0, 12, (8, 5)).astype("int32"), rng.integers(0, 3, 8))
                for _ in range(4)]
-    reference = model()
-    reference.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=loss)
-    for x, y in batches:
-        reference.train_on_batch(x, y)
-    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log")])
-    population = keras_es.Population(model(), 2, space, loss,
-                                     keras_es.engine.SGD("lr", momentum=0.9), initialize="copy")
-    state = population.copy_state()
-    step = tf.function(population.train_step)
-    for x, y in batches:
-        state, _ = step(state, tf.tile(space.encode()[None], [2, 1]), x, y)
-    for ref, got in zip(reference.trainable_variables, state.trainable, strict=True):
-        np.testing.assert_allclose(got.numpy()[0], ref.numpy(), rtol=1e-4, atol=1e-5)
+    _assert_population_matches_keras_sgd(model, batches, 0.1, jit_compile=False)
     # Fresh particles draw the recurrent kernels from their own initializers.
-    drawing = keras_es.Population(model(), 2, space, loss, keras_es.engine.SGD("lr"))
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log")])
+    drawing = keras_es.Population(model(), 2, space, LOSS, keras_es.engine.SGD("lr"))
     fresh = drawing.init(tf.constant([[1, 2], [3, 4]], tf.int32))
     assert all(np.all(np.isfinite(v.numpy())) for v in fresh.trainable)
     assert not np.allclose(fresh.trainable[1][0], fresh.trainable[1][1])
