@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -9,8 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks, engine
-from keras_es.estimators import ESTIMATORS, Estimator
+from keras_es import checks, engine, noise
+from keras_es.estimators import ESTIMATORS, Estimator, GuidedConfig
 from keras_es.keras_system import KerasSystem
 from keras_es.outer import MetaTrainer
 from keras_es.transforms import SearchSpace
@@ -59,7 +60,12 @@ class ESCallback(keras.callbacks.Callback):
             ``tf.data.Dataset`` (a callback cannot see ``fit``'s data).
         meta_data: Data for the meta-objective (validation data).
         estimator: ``"es_single"`` (default), ``"pes"``, ``"truncated_es"``,
-            ``"full_es"``, or an `Estimator` (then sigma, K, horizon, objective are its).
+            ``"full_es"``, or an `Estimator` (then sigma, K, horizon, objective and
+            guided are its).
+        guided: A `GuidedConfig` for Guided ES with the callback's own surrogate: before
+            every window, the one-step hypergradient of the validation loss with respect
+            to theta (GradientTape through one optimizer step of a particle, see
+            `keras_es.Population.hypergradient`) enters the guiding subspace.
         num_particles: N, even.
         sigma: Perturbation scale in unconstrained units.
         truncation_length: K, particle steps per window (and ``fit`` batches per update).
@@ -81,7 +87,8 @@ class ESCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, space: SearchSpace, optimizer, train_data, meta_data=None,
-                 estimator: str | Estimator = "es_single", num_particles: int = 8,
+                 estimator: str | Estimator = "es_single", guided: GuidedConfig | None = None,
+                 num_particles: int = 8,
                  sigma: float = 0.1, truncation_length: int = 10, horizon: int | None = None,
                  objective: str = "sum", batch_size: int = 32,
                  meta_batch_size: int | None = None,
@@ -102,6 +109,12 @@ class ESCallback(keras.callbacks.Callback):
         if isinstance(estimator, str) and estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
                              f"{sorted(ESTIMATORS)} or an Estimator.")
+        if guided is not None and not isinstance(guided, GuidedConfig):
+            raise ValueError(f"guided={guided!r} is invalid; expected a keras_es.GuidedConfig "
+                             "or None.")
+        if guided is not None and not isinstance(estimator, str):
+            raise ValueError("guided was given with an Estimator instance; build the "
+                             "estimator with guided=... instead.")
         checks.num_particles(num_particles)
         if isinstance(estimator, str):
             checks.positive_int("truncation_length", truncation_length)
@@ -119,7 +132,7 @@ class ESCallback(keras.callbacks.Callback):
             raise ValueError(f"verbose={verbose!r} is invalid; expected 0, 1 or 2.")
         self.space, self.inner_optimizer = space, optimizer
         self.train_data, self.meta_data = train_data, meta_data
-        self.estimator, self.num_particles = estimator, num_particles
+        self.estimator, self.guided, self.num_particles = estimator, guided, num_particles
         self.sigma, self.truncation_length = sigma, truncation_length
         self.horizon, self.objective = horizon, objective
         self.batch_size, self.meta_batch_size = batch_size, meta_batch_size
@@ -169,10 +182,11 @@ class ESCallback(keras.callbacks.Callback):
             factory = ESTIMATORS[estimator]
             if estimator == "full_es":
                 estimator = factory(self.sigma, horizon=horizon or self.truncation_length,
-                                    objective=self.objective)
+                                    objective=self.objective, guided=self.guided)
             else:
                 estimator = factory(self.sigma, self.truncation_length, horizon=horizon,
-                                    objective=self.objective, stagger=stagger)
+                                    objective=self.objective, stagger=stagger,
+                                    guided=self.guided)
         loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
         if not callable(loss):
             raise ValueError(f"The model's loss {model.loss!r} is not a single callable loss; "
@@ -180,13 +194,24 @@ class ESCallback(keras.callbacks.Callback):
         population = engine.Population(
             model, self.num_particles, self.space, loss, self.inner_optimizer,
             layer_hyperparameters=self.layer_hyperparameters)
+        # The telescoped final objective credits only meta-losses at window ends: per-step
+        # validation losses would be computed for nothing.
+        step_loss = ("meta" if self.meta_data is not None and estimator.objective == "sum"
+                     else "train")
         system = KerasSystem(population, self.train_data, self.meta_data,
                              batch_size=self.batch_size, meta_batch_size=self.meta_batch_size,
-                             step_loss="meta" if self.meta_data is not None else "train")
+                             step_loss=step_loss)
+        surrogate = None
+        if estimator.guided is not None:
+            def surrogate(theta, outer_step):
+                # The step's own key: a restored run draws the same surrogate batches.
+                key = noise.pair_seeds(self.seed, noise.STREAM_SURROGATE,
+                                       tf.constant([0]), tf.cast(outer_step, tf.int32)[None])[0]
+                return system.hypergradient(self.trainer.system_state, theta, key)
         self.trainer = MetaTrainer(
             system, estimator, self.space, self.num_particles,
             optimizer=self.outer_optimizer or keras.optimizers.Adam(0.01), seed=self.seed,
-            jit_compile=self._use_xla(estimator))
+            surrogate=surrogate, jit_compile=self._use_xla(estimator))
         self._batches = 0
         if self.backup_dir and os.path.exists(self._pointer_path):
             with open(self._pointer_path) as f:
@@ -297,7 +322,8 @@ class ESCallback(keras.callbacks.Callback):
 
     def get_config(self) -> dict:
         estimator = self.estimator if isinstance(self.estimator, str) else self.estimator.name
-        return {"space": self.space.get_config(), "estimator": estimator,
+        guided = None if self.guided is None else dataclasses.asdict(self.guided)
+        return {"space": self.space.get_config(), "estimator": estimator, "guided": guided,
                 "num_particles": self.num_particles, "sigma": self.sigma,
                 "truncation_length": self.truncation_length, "horizon": self.horizon,
                 "objective": self.objective, "batch_size": self.batch_size,

@@ -407,6 +407,30 @@ class Population:
         with vectorize.pfor_friendly(model):
             return tf.vectorized_map(one, args)
 
+    def hypergradient(self, state: PopulationState, theta: tf.Tensor, x, y, meta_x, meta_y,
+                      particle: int = 0) -> tf.Tensor:
+        """The one-step hypergradient: d meta-loss(after one step) / d theta.
+
+        Differentiates the meta-loss on ``(meta_x, meta_y)`` after one training step of
+        particle ``particle`` on ``(x, y)`` with respect to its hyperparameters ``theta``
+        (``[dim]``), through the learning rate, momentum, betas, weight decay and layer
+        hyperparameters: a cheap, biased surrogate for the gradient of a long unroll,
+        the "one step of BPTT" direction Guided ES concentrates its perturbations on.
+
+        Returns:
+            float32 ``[dim]``; zeros where the result is not finite.
+        """
+        one = tf.nest.map_structure(lambda t: t[particle:particle + 1], state)
+        theta = tf.convert_to_tensor(theta, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            new_state, _ = self.train_step(one, theta[None], x, y)
+            loss = self.evaluate(new_state, meta_x, meta_y, theta[None])["loss"][0]
+        gradient = tape.gradient(loss, theta)
+        if gradient is None:  # theta does not reach the loss at all
+            return tf.zeros_like(theta)
+        return tf.where(tf.math.is_finite(gradient), gradient, 0.0)
+
     def _per_particle_batch(self, x) -> bool:
         rank = len(self.model.inputs[0].shape) if getattr(self.model, "inputs", None) else None
         return rank is not None and len(x.shape) == rank + 1

@@ -121,6 +121,16 @@ class KerasSystem(UnrolledSystem):
     def meta_loss(self, state, keys):
         return self._evaluate(state, keys)
 
+    def hypergradient(self, state, theta, key, particle: int = 0):
+        """`Population.hypergradient` of particle ``particle`` on a training minibatch
+        and a meta batch drawn with ``key`` (int32 ``[2]``): a Guided ES surrogate."""
+        train_key = tf.random.experimental.stateless_fold_in(key, 0)
+        meta_key = tf.random.experimental.stateless_fold_in(key, 1)
+        x, y = self._batch(self.x, self.y, train_key[None], self.batch_size, True)
+        size = self.meta_batch_size or self.batch_size
+        meta_x, meta_y = self._batch(self.meta_x, self.meta_y, meta_key[None], size, True)
+        return self.population.hypergradient(state, theta, x, y, meta_x, meta_y, particle)
+
     def _evaluate(self, state, keys):
         if self.meta_batch_size is None:
             return self.population.evaluate(state, self.meta_x, self.meta_y)["loss"]

@@ -22,6 +22,7 @@ import tensorflow as tf
 STREAM_PERTURBATION = 1
 STREAM_STEP = 2
 STREAM_EPISODE = 3
+STREAM_SURROGATE = 4
 
 
 def pair_seeds(seed: tf.Tensor | int, stream: int, pair_index: tf.Tensor,

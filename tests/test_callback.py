@@ -62,6 +62,20 @@ def test_fit_tunes_and_applies_hyperparameters():
     assert config["num_particles"] == 8 and config["estimator"] == "es_single"
 
 
+def test_guided_es_with_the_one_step_hypergradient_surrogate():
+    model = _model()
+    callback = _callback(guided=keras_es.GuidedConfig(k=2, alpha=0.5))
+    history = model.fit(X, Y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[callback])
+    # Every window pushed the hypergradient of the current theta: the two newest fill
+    # the FIFO, and at lr = 1e-3 it says "raise the learning rate" (negative first entry).
+    surrogates = callback.trainer.state.guided.surrogates.numpy()
+    assert surrogates.shape == (2, 2) and np.all(np.isfinite(surrogates))
+    assert np.all(surrogates[:, 0] < 0)
+    assert history.history["es_lr"][-1] > 1e-3
+    assert callback.get_config()["guided"]["k"] == 2
+
+
 class Interrupt(keras.callbacks.Callback):
     def __init__(self, epoch, batch):
         super().__init__()
@@ -112,6 +126,7 @@ def test_works_beside_model_checkpoint_and_early_stopping(tmp_path):
     ({"train_data": None}, "train_data=None"),
     ({"estimator": "cma"}, "estimator='cma'"),
     ({"jit_compile": "always"}, "jit_compile='always'"),
+    ({"guided": 2}, "guided=2"),
 ])
 def test_bad_settings_raise_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -322,3 +322,41 @@ def test_datasets_of_examples_or_batches_load_the_same():
     with pytest.raises(ValueError, match="empty"):
         keras_es.keras_system.as_tensors(
             tf.data.Dataset.from_tensor_slices((x[:0], y[:0])), "train_data")
+
+
+def test_one_step_hypergradient_is_the_chain_rule_through_the_update():
+    """d L_meta(w') / d theta with w' = w + mu m - lr g (Keras SGD momentum), for
+    theta = (log lr, logit mu), against the chain rule written out by hand."""
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(16, 5)).astype("float32"), rng.normal(size=(16, 1)).astype("float32")
+    meta_x, meta_y = (rng.normal(size=(16, 5)).astype("float32"),
+                      rng.normal(size=(16, 1)).astype("float32"))
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log"),
+                                  keras_es.Hyperparameter("momentum", 0.7, "logit")])
+    population = keras_es.Population(model, 2, space, keras.losses.MeanSquaredError(),
+                                     engine.SGD("lr", momentum="momentum"))
+    theta = tf.constant(space.encode(), tf.float32)
+    state = population.init(tf.constant([[1, 2], [3, 4]], tf.int32))
+    for _ in range(3):  # non-zero momentum slots
+        state, _ = population.train_step(state, tf.tile(theta[None], [2, 1]), x, y)
+    got = tf.function(lambda s, t: population.hypergradient(s, t, x, y, meta_x, meta_y,
+                                                            particle=1))(state, theta)
+
+    lr, mu = 0.05, 0.7
+    w = [v[1] for v in state.trainable]
+    m = [s[1] for s in state.slots[0]]
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        loss = tf.reduce_mean(tf.square(x @ w[0] + w[1] - y))
+    g = tape.gradient(loss, w)
+    new_w = [wi + mu * mi - lr * gi for wi, mi, gi in zip(w, m, g, strict=True)]
+    with tf.GradientTape() as tape:
+        tape.watch(new_w)
+        meta = tf.reduce_mean(tf.square(meta_x @ new_w[0] + new_w[1] - meta_y))
+    meta_grad = tape.gradient(meta, new_w)
+    dot = lambda a, b: sum(float(tf.reduce_sum(ai * bi)) for ai, bi in zip(a, b, strict=True))  # noqa: E731, E501
+    expected = [dot(meta_grad, [-lr * gi for gi in g]),              # d/d log lr
+                dot(meta_grad, [mu * (1 - mu) * mi for mi in m])]    # d/d logit mu
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-7)
