@@ -70,7 +70,10 @@ class ESCallback(keras.callbacks.Callback):
         sigma: Perturbation scale in unconstrained units.
         truncation_length: K, particle steps per window (and ``fit`` batches per update).
         horizon: T, steps of a particle's inner problem; default: the steps of the fit.
-        objective: ``"sum"`` of per-step validation losses or the telescoped ``"final"``.
+        objective: ``"sum"`` of per-step validation losses or the ``"final"`` one.
+        telescope: With ``objective="final"``, credit telescoped differences every
+            window (True) or the final difference once per episode (False; much lower
+            variance when particles learn at different speeds, see `keras_es.Estimator`).
         batch_size: The particles' minibatch size.
         meta_batch_size: Validation batch size per step or episode.
         outer_optimizer: Keras optimizer for theta (default ``Adam(0.01)``).
@@ -90,7 +93,7 @@ class ESCallback(keras.callbacks.Callback):
                  estimator: str | Estimator = "es_single", guided: GuidedConfig | None = None,
                  num_particles: int = 8,
                  sigma: float = 0.1, truncation_length: int = 10, horizon: int | None = None,
-                 objective: str = "sum", batch_size: int = 32,
+                 objective: str = "sum", telescope: bool = True, batch_size: int = 32,
                  meta_batch_size: int | None = None,
                  outer_optimizer: keras.optimizers.Optimizer | None = None,
                  layer_hyperparameters: dict | None = None, backup_dir: str | None = None,
@@ -134,7 +137,7 @@ class ESCallback(keras.callbacks.Callback):
         self.train_data, self.meta_data = train_data, meta_data
         self.estimator, self.guided, self.num_particles = estimator, guided, num_particles
         self.sigma, self.truncation_length = sigma, truncation_length
-        self.horizon, self.objective = horizon, objective
+        self.horizon, self.objective, self.telescope = horizon, objective, bool(telescope)
         self.batch_size, self.meta_batch_size = batch_size, meta_batch_size
         self.outer_optimizer = outer_optimizer
         self.layer_hyperparameters = dict(layer_hyperparameters or {})
@@ -182,11 +185,12 @@ class ESCallback(keras.callbacks.Callback):
             factory = ESTIMATORS[estimator]
             if estimator == "full_es":
                 estimator = factory(self.sigma, horizon=horizon or self.truncation_length,
-                                    objective=self.objective, guided=self.guided)
+                                    objective=self.objective, telescope=self.telescope,
+                                    guided=self.guided)
             else:
                 estimator = factory(self.sigma, self.truncation_length, horizon=horizon,
-                                    objective=self.objective, stagger=stagger,
-                                    guided=self.guided)
+                                    objective=self.objective, telescope=self.telescope,
+                                    stagger=stagger, guided=self.guided)
         loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
         if not callable(loss):
             raise ValueError(f"The model's loss {model.loss!r} is not a single callable loss; "
@@ -326,7 +330,8 @@ class ESCallback(keras.callbacks.Callback):
         return {"space": self.space.get_config(), "estimator": estimator, "guided": guided,
                 "num_particles": self.num_particles, "sigma": self.sigma,
                 "truncation_length": self.truncation_length, "horizon": self.horizon,
-                "objective": self.objective, "batch_size": self.batch_size,
+                "objective": self.objective, "telescope": self.telescope,
+                "batch_size": self.batch_size,
                 "meta_batch_size": self.meta_batch_size,
                 "layer_hyperparameters": self.layer_hyperparameters,
                 "backup_dir": self.backup_dir, "seed": self.seed, "verbose": self.verbose,

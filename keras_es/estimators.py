@@ -151,7 +151,14 @@ class Estimator:
             episode) or an int M (every M steps of the within-episode counter).
         accumulate: Whether ``xi`` sums scores over the episode (PES) or holds only
             the current one.
-        objective: ``"sum"`` of per-step losses, or the telescoped ``"final"`` meta-loss.
+        objective: ``"sum"`` of per-step losses, or the ``"final"`` meta-loss.
+        telescope: With ``objective="final"``: credit the telescoped difference at every
+            window end (default; information arrives every window), or, if False, the
+            whole ``dF_T xi_T`` only when an episode ends. Both sum to the same unbiased
+            credit per episode. Telescoped terms carry the large mid-episode
+            differences that later windows cancel; when those dominate (twins that learn
+            at different speeds early on and end close), crediting at the episode end
+            has far lower variance per window. Needs a ``horizon``.
         stagger: Spread the pairs' start steps evenly over the horizon and burn them in
             (trap 5), so resets do not line up.
         guided: Optional `GuidedConfig`.
@@ -169,6 +176,7 @@ class Estimator:
     resample: str | int = "episode"
     accumulate: bool = False
     objective: str = "sum"
+    telescope: bool = True
     stagger: bool = True
     guided: GuidedConfig | None = None
     clip_loss_difference: float | None = None
@@ -189,6 +197,11 @@ class Estimator:
         if self.objective not in _OBJECTIVES:
             raise ValueError(
                 f"objective={self.objective!r} is invalid; expected one of {_OBJECTIVES}.")
+        if not self.telescope and (self.objective != "final" or self.horizon is None):
+            raise ValueError(
+                f"telescope=False with objective={self.objective!r} and horizon="
+                f"{self.horizon!r} is invalid; crediting at episode ends needs "
+                "objective='final' and a horizon.")
         if self.clip_loss_difference is not None:
             checks.positive_float("clip_loss_difference", self.clip_loss_difference)
         if self.guided is not None and not isinstance(self.guided, GuidedConfig):
@@ -406,11 +419,13 @@ class Estimator:
             d, part, f_ok = _telescoped(state, f_plus, f_minus, self.clip_loss_difference)
             # The spread used by ``normalize`` is that of the credited differences.
             diff_sum = tf.where(inside & f_ok, d, 0.0)
-            if credit:
-                credit_sum += tf.where((inside & f_ok)[:, None], part, 0.0)
-            state = state._replace(
-                final_difference=tf.where(inside & f_ok, d, 0.0),
-                final_accumulator=tf.where((inside & f_ok)[:, None], state.accumulator, 0.0))
+            if self.telescope:
+                if credit:
+                    credit_sum += tf.where((inside & f_ok)[:, None], part, 0.0)
+                state = state._replace(
+                    final_difference=tf.where(inside & f_ok, d, 0.0),
+                    final_accumulator=tf.where((inside & f_ok)[:, None], state.accumulator,
+                                               0.0))
             f_bad = inside & ~f_ok
             invalid |= f_bad
             diverged += tf.reduce_sum(tf.cast(f_bad, tf.int32))

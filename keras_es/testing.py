@@ -60,7 +60,8 @@ def expected_totals(estimator, system, theta, num_pairs, num_windows):
 
     Simulates each pair's within-episode counter (start offsets, horizon resets) and
     adds the exact gradient of every credited loss: per-step losses for
-    ``objective="sum"``, telescoped window-end meta-losses for ``objective="final"``.
+    ``objective="sum"``, telescoped window-end meta-losses for ``objective="final"``
+    (or episode-end meta-losses only, with ``telescope=False``).
     """
     horizon = estimator.horizon
     steps = num_windows * estimator.truncation_length + (horizon or 0)
@@ -79,9 +80,10 @@ def expected_totals(estimator, system, theta, num_pairs, num_windows):
 
 def _expected_for_offset(estimator, step_grads, meta_grads, offset, num_windows):
     horizon = estimator.horizon
+    telescope = estimator.telescope
     tau = offset
     total = np.zeros(step_grads.shape[1])
-    previous = meta_grads[tau - 1] if tau > 0 else 0.0
+    previous = meta_grads[tau - 1] if tau > 0 and telescope else 0.0
     for _ in range(num_windows):
         for _ in range(estimator.truncation_length):
             tau += 1
@@ -92,7 +94,7 @@ def _expected_for_offset(estimator, step_grads, meta_grads, offset, num_windows)
                     total += meta_grads[tau - 1] - previous
                     previous = 0.0
                 tau = 0
-        if estimator.objective == "final" and tau > 0:
+        if estimator.objective == "final" and tau > 0 and telescope:
             total += meta_grads[tau - 1] - previous
             previous = meta_grads[tau - 1]
     return total

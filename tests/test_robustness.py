@@ -134,6 +134,10 @@ def test_clip_and_normalize_keep_direction(objective, oracle_system):
      "resample=0"),
     (keras_es.es_single, {"sigma": float("nan"), "truncation_length": 5}, "sigma=nan"),
     (keras_es.full_es, {"sigma": 0.1, "horizon": 5, "stagger": True}, "stagger=True"),
+    (keras_es.es_single, {"sigma": 0.1, "truncation_length": 5, "horizon": 10,
+                          "telescope": False}, "telescope=False with objective='sum'"),
+    (keras_es.es_single, {"sigma": 0.1, "truncation_length": 5, "objective": "final",
+                          "telescope": False}, "horizon=None"),
 ])
 def test_bad_estimator_settings_raise(factory, kwargs, match):
     with pytest.raises(ValueError, match=match):
