@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -144,3 +151,54 @@ def test_bad_models_raise_at_train_begin():
     with pytest.raises(ValueError, match=r"hyperparameters \['beta'\]"):
         keras_es.ESCallback(SPACE, keras_es.engine.SGD("lr", momentum="beta"),
                             train_data=_data(10, 0))
+
+
+# A fit run in its own process, so that it can be killed for real (SIGKILL, no
+# clean-up, no exception handlers) and run again.
+_FIT_SCRIPT = """
+import json, os, signal, sys
+import keras
+sys.path.insert(0, {tests!r})
+import test_callback as t
+
+out, backup, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+class Kill(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == (kill_at, 5):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+es = t._callback(backup_dir=backup)
+history = t._model().fit(t.X, t.Y, batch_size=32, epochs=4, shuffle=False, verbose=0,
+                         callbacks=[keras.callbacks.BackupAndRestore(backup), es, Kill()])
+with open(out, "w") as f:
+    json.dump({{"es_lr": history.history["es_lr"],
+               "theta": es.trainer.theta_value.tolist()}}, f)
+"""
+
+
+def test_a_killed_fit_resumes_the_same_theta_trajectory(tmp_path):
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+    def run(out, backup, kill_at):
+        return subprocess.run([sys.executable, str(script), str(out), str(backup),
+                               str(kill_at)], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    straight = run(tmp_path / "straight.json", tmp_path / "b1", -1)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run(tmp_path / "killed.json", tmp_path / "b2", 2)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed.json").exists()
+    resumed = run(tmp_path / "resumed.json", tmp_path / "b2", -1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    expected = json.loads((tmp_path / "straight.json").read_text())
+    got = json.loads((tmp_path / "resumed.json").read_text())
+    # Killed during epoch 2: the rerun starts from the epoch-1 backups.
+    np.testing.assert_allclose(got["es_lr"], expected["es_lr"][2:], rtol=1e-6)
+    np.testing.assert_allclose(got["theta"], expected["theta"], rtol=1e-6)
