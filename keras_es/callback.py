@@ -277,15 +277,25 @@ class ESCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ applying theta
     def _set_learning_rate(self):
+        # The schedule is TensorFlow code; evaluating it eagerly on every batch cost
+        # ~1 ms, more than a small model's train step. theta only changes at windows, so
+        # evaluate it for the next K steps at once and only look the value up per batch.
         optimizer = self.model.optimizer
-        step = tf.cast(tf.reshape(optimizer.iterations, [1]), tf.float32)
-        lr = self.inner_optimizer.learning_rate(step, self._hp)
-        optimizer.learning_rate.assign(float(lr[0]))
+        step = int(optimizer.iterations.numpy())
+        index = step - self._lr_start
+        if not 0 <= index < len(self._lr_table):
+            self._lr_start, index = step, 0
+            steps = tf.range(step, step + self.trainer.estimator.truncation_length,
+                             dtype=tf.float32)
+            hp = {k: tf.broadcast_to(v, steps.shape) for k, v in self._hp.items()}
+            self._lr_table = self.inner_optimizer.learning_rate(steps, hp).numpy().tolist()
+        optimizer.learning_rate.assign(self._lr_table[index])
 
     def _apply(self, retrace: bool):
         # theta changes only in a window or a restore, each followed by _apply: decode
         # it here once instead of on every batch.
         hp = self._hp = self.space.decode(tf.constant(self.trainer.theta_value[None]))
+        self._lr_start, self._lr_table = 0, []  # theta changed: recompute the rates
         self._set_learning_rate()
         population = self.trainer.system.population
         for index, name in population._bound.items():

@@ -83,6 +83,29 @@ def test_guided_es_with_the_one_step_hypergradient_surrogate():
     assert callback.get_config()["guided"]["k"] == 2
 
 
+def test_the_fitted_model_follows_the_tuned_schedule_at_its_own_step():
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr0", 0.05, "log"),
+                                  keras_es.Hyperparameter("decay", 1.0, "log")])
+    schedule = keras_es.schedules.InverseTimeDecay("lr0", 7.0, "decay")
+    es = keras_es.ESCallback(space, keras_es.engine.SGD(schedule, momentum=0.5),
+                             train_data=_data(512, 1), meta_data=_data(256, 2),
+                             num_particles=4, truncation_length=4, seed=3)
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            optimizer = self.model.optimizer
+            seen.append((int(optimizer.iterations.numpy()), dict(es.values),
+                         float(optimizer.learning_rate.numpy())))
+
+    _model().fit(X, Y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                 callbacks=[es, Record()])
+    assert len(seen) == 32 and len({v["lr0"] for _, v, _ in seen}) > 1
+    for step, values, lr in seen:
+        expected = values["lr0"] / (1.0 + step / 7.0) ** values["decay"]
+        assert lr == pytest.approx(expected, rel=1e-5), step
+
+
 class Interrupt(keras.callbacks.Callback):
     def __init__(self, epoch, batch):
         super().__init__()
