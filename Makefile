@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO ?= $(VPY) examples/influence_balancing.py --quick --out results/influence_balancing.json
+DEMO ?= $(VPY) examples/mnist_lr_schedule.py --quick --out results/mnist_lr_schedule.json
 
 export TF_CPP_MIN_LOG_LEVEL := 2
 # mkdocs-material prints an end-of-life banner on every build; it is not a warning of ours.
