@@ -227,9 +227,12 @@ class Estimator:
 
     def start_offsets(self, num_pairs: int) -> tf.Tensor:
         """Steps each pair is burned in before the first window (trap 5)."""
+        return tf.constant(self._offsets(num_pairs), tf.int32, shape=[num_pairs])
+
+    def _offsets(self, num_pairs: int) -> list[int]:
         if not (self.stagger and self.horizon is not None and self.horizon > 1):
-            return tf.zeros([num_pairs], tf.int32)
-        return tf.constant([(p * self.horizon) // num_pairs for p in range(num_pairs)], tf.int32)
+            return [0] * num_pairs
+        return [(p * self.horizon) // num_pairs for p in range(num_pairs)]
 
     def init_system(self, system: UnrolledSystem, num_pairs: int, seed) -> Any:
         """Initial system states for ``2 * num_pairs`` particles (episode 0 keys)."""
@@ -255,7 +258,7 @@ class Estimator:
         """
         num_pairs = int(state.episode_step.shape[0])
         offsets = self.start_offsets(num_pairs)
-        longest = int(tf.reduce_max(offsets)) if num_pairs else 0
+        longest = max(self._offsets(num_pairs), default=0)  # static: no graph op
         if longest == 0:
             return system_state, state
         wait = longest - offsets

@@ -47,7 +47,7 @@ def pair_seeds(seed: tf.Tensor | int, stream: int, pair_index: tf.Tensor,
     return seeds
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _fold_pairs(base, pair_index, counter):
     def one(args):
         index, count = args
@@ -57,7 +57,7 @@ def _fold_pairs(base, pair_index, counter):
     return tf.map_fn(one, (pair_index, counter), fn_output_signature=tf.int32)
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _normal_rows(seeds, dim):
     return tf.map_fn(lambda s: tf.random.stateless_normal([dim], seed=s), seeds,
                      fn_output_signature=tf.float32)

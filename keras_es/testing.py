@@ -42,7 +42,7 @@ def run_windows(estimator, system, theta, num_pairs, num_windows, seed=0, surrog
     sys_state = estimator.init_system(system, num_pairs, seed)
     sys_state, state = estimator.burn_in(system, sys_state, state, theta, seed)
 
-    @tf.function
+    @tf.function(autograph=False)
     def window(sys_state, state):
         return estimator.window(system, sys_state, state, theta, seed)
 
