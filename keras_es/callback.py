@@ -23,6 +23,8 @@ _TRACED = {engine.SGD: ("momentum", "weight_decay"),
            engine.Adam: ("beta_1", "beta_2", "weight_decay")}
 
 
+_WINDOW_KEYS = ("loss", "meta_loss", "gradient_norm", "diverged_pairs")
+
 # XLA compiles a window in ~3-5 s and then runs it about twice as fast as graph mode
 # (MLP 784-32-32-10, N = 8, K = 10: 12 vs 23 ms): worth it from a few hundred windows.
 AUTO_JIT_MIN_WINDOWS = 500
@@ -145,6 +147,10 @@ class ESCallback(keras.callbacks.Callback):
         self.jit_compile = jit_compile
         self.trainer: MetaTrainer | None = None
         self._window_logs: dict = {}
+        #: One entry per window of the current ``fit`` call (after a resume: since the
+        #: restart): ``batches`` (fit batches so far), ``theta`` (unconstrained, after
+        #: the update), ``loss``, ``meta_loss``, ``gradient_norm``, ``diverged_pairs``.
+        self.window_history: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, logs=None):
@@ -217,6 +223,7 @@ class ESCallback(keras.callbacks.Callback):
             optimizer=self.outer_optimizer or keras.optimizers.Adam(0.01), seed=self.seed,
             surrogate=surrogate, jit_compile=self._use_xla(estimator))
         self._batches = 0
+        self.window_history = []
         if self.backup_dir and os.path.exists(self._pointer_path):
             with open(self._pointer_path) as f:
                 pointer = json.load(f)
@@ -239,6 +246,9 @@ class ESCallback(keras.callbacks.Callback):
         if self._batches % self.trainer.estimator.truncation_length:
             return
         self._window_logs = self.trainer.step()
+        self.window_history.append({"batches": self._batches,
+                                    "theta": self.trainer.theta_value.tolist(),
+                                    **{k: self._window_logs[k] for k in _WINDOW_KEYS}})
         self._apply(retrace=False)
         if self.verbose == 2:
             keras.utils.io_utils.print_msg("ESCallback window: " + self._summary())

@@ -58,6 +58,9 @@ def test_fit_tunes_and_applies_hyperparameters():
         assert len(logs[key]) == 3, key
     # 16 batches per epoch, K = 4: 12 windows; a far too small lr is raised.
     assert int(callback.trainer.outer_step.numpy()) == 12
+    assert [w["batches"] for w in callback.window_history] == list(range(4, 49, 4))
+    np.testing.assert_allclose(callback.window_history[-1]["theta"],
+                               callback.trainer.theta_value)
     assert logs["es_lr"][-1] > 3e-3
     assert callback.values["lr"] == pytest.approx(logs["es_lr"][-1])
     # Applied to the fitted model: the rate every batch, momentum at epoch ends.
