@@ -78,7 +78,9 @@ class ESCallback(keras.callbacks.Callback):
             variance when particles learn at different speeds, see `keras_es.Estimator`).
         batch_size: The particles' minibatch size.
         meta_batch_size: Validation batch size per step or episode.
-        outer_optimizer: Keras optimizer for theta (default ``Adam(0.01)``).
+        outer_optimizer: Keras optimizer for theta (default ``Adam(0.01)``). With
+            ``use_ema=True`` the fit ends with its moving average of theta (less ES
+            jitter), as ``fit`` does for model weights.
         layer_hyperparameters: ``{variable path pattern: name}`` for `keras_es.layers`
             (see `keras_es.Population`).
         backup_dir: Directory where the ES state is saved at every epoch end and
@@ -263,6 +265,14 @@ class ESCallback(keras.callbacks.Callback):
             self._save()
         if self.verbose == 1:
             keras.utils.io_utils.print_msg(f"Epoch {epoch + 1}: ESCallback " + self._summary())
+
+    def on_train_end(self, logs=None):
+        if self.trainer is None or not self.trainer.optimizer.use_ema:
+            return
+        # Like Keras's fit for model weights: end with the outer optimizer's moving
+        # average of theta (use_ema=True), and apply it to the model.
+        self.trainer.finalize()
+        self._apply(retrace=True)
 
     def epoch_logs(self) -> dict:
         """``es_<name>`` hyperparameter values (natural units) and the last window's

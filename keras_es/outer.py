@@ -166,6 +166,14 @@ class MetaTrainer:
                 bar.update(i + 1, [(k, logs[k]) for k in shown if math.isfinite(logs[k])])
         return history
 
+    def finalize(self) -> None:
+        """Replaces theta by the outer optimizer's moving average of it, if the optimizer
+        keeps one (``use_ema=True``), as Keras's ``fit`` does for model weights at the
+        end of training. Averaging the last ~``1 / (1 - ema_momentum)`` updates removes
+        most of the jitter ES noise leaves in theta."""
+        if self.optimizer.use_ema:
+            self.optimizer.finalize_variable_values([self.theta])
+
     def checkpoint(self) -> tf.train.Checkpoint:
         """A ``tf.train.Checkpoint`` of theta, the optimizer and every particle state."""
         return tf.train.Checkpoint(theta=self.theta, optimizer=self.optimizer,

@@ -109,6 +109,23 @@ def test_the_fitted_model_follows_the_tuned_schedule_at_its_own_step():
         assert lr == pytest.approx(expected, rel=1e-5), step
 
 
+def test_an_averaging_outer_optimizer_ends_the_fit_with_the_average():
+    model = _model()
+    callback = _callback(outer_optimizer=keras.optimizers.Adam(0.1, use_ema=True,
+                                                               ema_momentum=0.8))
+    model.fit(X, Y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
+    # The moving average by hand, as Keras keeps it (momentum 0 on the first update).
+    average = None
+    for window in callback.window_history:
+        theta = np.asarray(window["theta"])
+        average = theta if average is None else 0.8 * average + 0.2 * theta
+    np.testing.assert_allclose(callback.trainer.theta_value, average, rtol=1e-5)
+    assert not np.allclose(callback.trainer.theta_value, callback.window_history[-1]["theta"])
+    # ... and the fitted model got the averaged values.
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(
+        callback.values["lr"], rel=1e-5)
+
+
 class Interrupt(keras.callbacks.Callback):
     def __init__(self, epoch, batch):
         super().__init__()
