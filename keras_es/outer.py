@@ -201,7 +201,14 @@ class MetaTrainer:
             state = self.estimator.push_surrogate(state, surrogate)
         system_state, state, result = self.estimator.window(
             self.system, system_state, state, theta, self.seed)
-        self.optimizer.apply([result.gradient], [self.theta])
+        # A window in which every pair diverged carries no information: skip the update,
+        # or a momentum optimizer (Adam) would keep coasting on its zero gradient, out
+        # of the region where the particles diverge and on into wherever it points.
+        def update():
+            self.optimizer.apply([result.gradient], [self.theta])
+            return tf.constant(True)
+
+        tf.cond(result.valid_pairs > 0, update, lambda: tf.constant(False))
         # A finite gradient can still overflow theta (huge learning rates): keep the old
         # value rather than let a non-finite theta poison every later step.
         updated = tf.convert_to_tensor(self.theta)

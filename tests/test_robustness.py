@@ -78,6 +78,28 @@ def test_all_particles_diverging_leaves_theta_unchanged():
     np.testing.assert_array_equal(trainer.theta_value, [0.5])
 
 
+def test_a_window_where_every_pair_diverges_does_not_move_theta_even_with_momentum():
+    class Breakable(LinearQuadraticSystem):
+        broken = tf.Variable(False)
+
+        def step(self, state, theta, keys):
+            state, loss, done = super().step(state, theta, keys)
+            return state, tf.where(self.broken, np.inf, loss), done
+
+    base = influence_balancing()
+    system = Breakable(base.A, base.B, H=base.H, y=base.y, s0=base.s0)
+    trainer = keras_es.MetaTrainer(system, keras_es.pes(0.1, 2), [0.5], 4,
+                                   optimizer=keras.optimizers.Adam(0.1))
+    for _ in range(3):  # Adam builds momentum
+        trainer.step()
+    before, iterations = trainer.theta_value, int(trainer.optimizer.iterations.numpy())
+    Breakable.broken.assign(True)
+    for _ in range(3):
+        assert trainer.step()["valid_pairs"] == 0
+    np.testing.assert_array_equal(trainer.theta_value, before)
+    assert int(trainer.optimizer.iterations.numpy()) == iterations
+
+
 def test_overflowing_update_is_rejected():
     trainer = keras_es.MetaTrainer(influence_balancing(), keras_es.pes(0.1, 1), [0.5], 64,
                                    optimizer=keras.optimizers.SGD(1e38))
