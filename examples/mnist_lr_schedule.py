@@ -114,20 +114,16 @@ def tune(data, config, seed):
         SPACE, schedule_optimizer(horizon), train_data=(x, y), meta_data=(x_val, y_val),
         num_particles=config["particles"], sigma=0.2, truncation_length=k, horizon=horizon,
         objective="final", telescope=False, batch_size=32,
-        outer_optimizer=keras.optimizers.Adam(0.1), seed=seed)
-    trajectory = [SPACE.encode().tolist()]
-
-    class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if es.trainer is not None and es._batches % k == 0:
-                trajectory.append(es.trainer.theta_value.tolist())
-
+        # use_ema: the fit ends with the moving average of theta over ~100 windows.
+        outer_optimizer=keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.99),
+        seed=seed)
     train = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
              .repeat().batch(32))
     epochs = min(10, config["windows"])
     model.fit(train, steps_per_epoch=config["windows"] * k // epochs, epochs=epochs,
-              validation_data=(x_val, y_val), callbacks=[es, Record()], shuffle=False,
-              verbose=0)
+              validation_data=(x_val, y_val), callbacks=[es], shuffle=False, verbose=0)
+    trajectory = ([SPACE.encode().tolist()] + [w["theta"] for w in es.window_history]
+                  + [es.trainer.theta_value.tolist()])  # the averaged theta
     return es, np.asarray(trajectory)
 
 
@@ -234,6 +230,7 @@ def main(argv=None):
                      "telescope": False, "tau": TAU_FRACTION * config["horizon"]},
         "theta_init": theta_init,
         "theta_final": theta_final,
+        "trajectory": trajectory.tolist(),
         "values_init": SPACE.decode(np.asarray(theta_init, np.float32)),
         "values_final": SPACE.decode(np.asarray(theta_final, np.float32)),
         "final_val_loss": {"initial_schedule": initial_loss,
