@@ -1,0 +1,196 @@
+"""Particles sharded across the replicas of a ``tf.distribute`` strategy.
+
+ES needs very little to cross devices: every replica can regenerate any pair's noise,
+minibatch and re-initialization keys from integers (`keras_es.noise`), so a replica
+that holds pairs ``[first_pair, first_pair + pairs_per_replica)`` runs them on its own
+and contributes only a ``dim``-sized partial estimate and a handful of scalars to one
+all-reduce per window (plus one float per pair when the estimator normalizes by the
+spread of the pairs' loss differences). No model-sized tensor is ever exchanged: theta
+and the outer optimizer are mirrored and updated identically on every replica from the
+same reduced estimate.
+
+A `Shard` tells the estimator which pairs the current replica holds and how to sum
+across replicas; `replica_shard` builds it inside ``strategy.run``, and `single` is the
+one-device case. `ShardedParticles` keeps the per-replica particle states and
+checkpoints them in the single-device layout (pairs in global order), so a checkpoint
+restores under any strategy with the same number of particles.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+
+class Shard(NamedTuple):
+    """The antithetic pairs one replica holds, and how it combines with the others.
+
+    Attributes:
+        first_pair: int32 scalar (tensor or int), global index of the replica's first
+            pair; its pairs are ``first_pair + range(local pairs)``.
+        total_pairs: Number of pairs over all replicas (Python int).
+        all_reduce: ``fn(tensor) -> tensor`` summing over replicas.
+        all_gather: ``fn(tensor) -> tensor`` concatenating over replicas along axis 0,
+            in replica order (which is global pair order).
+    """
+
+    first_pair: Any
+    total_pairs: int
+    all_reduce: Callable[[tf.Tensor], tf.Tensor]
+    all_gather: Callable[[tf.Tensor], tf.Tensor]
+
+
+def _identity(x):
+    return x
+
+
+def single(num_pairs: int) -> Shard:
+    """The shard of a one-device run: every pair, no communication."""
+    return Shard(0, int(num_pairs), _identity, _identity)
+
+
+def replica_shard(total_pairs: int) -> Shard:
+    """The current replica's shard; call inside ``strategy.run``.
+
+    Replica ``r`` holds pairs ``[r * total_pairs / R, (r + 1) * total_pairs / R)``.
+    The replica id is a tensor on TPUs, so ``first_pair`` is computed in the graph.
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync
+    per_replica = total_pairs // replicas
+    replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    return Shard(replica_id * per_replica, int(total_pairs),
+                 lambda x: context.all_reduce(tf.distribute.ReduceOp.SUM, x),
+                 lambda x: context.all_gather(x, axis=0))
+
+
+def check_strategy(strategy, num_particles: int) -> tf.distribute.Strategy:
+    """Returns ``strategy`` (default: the current one) after checking that every replica
+    gets whole antithetic pairs; raises ``ValueError`` otherwise."""
+    if strategy is None:
+        strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.Strategy):
+        raise ValueError(f"strategy={strategy!r} is invalid; expected a tf.distribute.Strategy "
+                         "(MirroredStrategy, MultiWorkerMirroredStrategy, TPUStrategy) or None.")
+    replicas = strategy.num_replicas_in_sync
+    if num_particles % (2 * replicas):
+        raise ValueError(
+            f"num_particles={num_particles} is invalid for a strategy with {replicas} "
+            f"replicas; expected a multiple of {2 * replicas} (2 x replicas), so that every "
+            "replica holds the same number of whole antithetic pairs.")
+    return strategy
+
+
+class ShardedParticles(tf.__internal__.tracking.Trackable):
+    """Per-replica particle and estimator states, checkpointed in global pair order.
+
+    The states are ``tf.distribute`` per-replica values (plain tensors for the
+    default strategy). TensorFlow's variables cannot hold a different value on each
+    replica and still save one combined tensor (a mirrored variable saves one copy, a
+    sync-on-read one an aggregate), so this object implements the checkpoint
+    ``Trackable`` protocol itself: saving concatenates the shards (all-gathering them
+    when replicas live in other processes), restoring slices them back.
+
+    Args:
+        strategy: The strategy the states live under.
+        values: Nest of per-replica tensors.
+        rows: Nest of the same structure: rows each replica holds of a leaf (its
+            leading dimension), or 0 for a leaf every replica holds whole and equal.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, values, rows):
+        self.strategy = strategy
+        self.values = values
+        self.rows = rows
+        self._gather_fn = None
+
+    # ------------------------------------------------------------------ layout
+    def _is_local(self, leaf) -> bool:
+        return len(self.strategy.experimental_local_results(leaf)) == \
+            self.strategy.num_replicas_in_sync
+
+    def gather(self):
+        """The states in global layout (every pair, in order), as plain tensors."""
+        leaves = tf.nest.flatten(self.values)
+        rows = tf.nest.flatten(self.rows)
+        if all(self._is_local(v) for v in leaves):
+            out = []
+            for leaf, r in zip(leaves, rows, strict=True):
+                parts = self.strategy.experimental_local_results(leaf)
+                out.append(tf.identity(parts[0]) if r == 0 else tf.concat(parts, 0))
+        else:
+            # Replicas in other processes: an all-gather, which every worker must call.
+            if self._gather_fn is None:
+                def gather(values):
+                    def replica(vals):
+                        context = tf.distribute.get_replica_context()
+                        return [v if r == 0 else _all_gather(context, v)
+                                for v, r in zip(vals, rows, strict=True)]
+                    return self.strategy.run(replica, args=(values,))
+                self._gather_fn = tf.function(gather)
+            gathered = self._gather_fn(leaves)
+            out = [tf.identity(self.strategy.experimental_local_results(g)[0])
+                   for g in gathered]
+        return tf.nest.pack_sequence_as(self.values, out)
+
+    def scatter(self, global_values) -> None:
+        """Replaces the states with ``global_values`` (global layout), sliced per replica."""
+        rows = tf.nest.flatten(self.rows)
+        leaves = tf.nest.flatten(global_values)
+
+        def value_fn(context):
+            r_id = context.replica_id_in_sync_group
+            return tf.nest.pack_sequence_as(
+                self.values,
+                [tf.identity(v) if r == 0 else tf.identity(v[r_id * r:(r_id + 1) * r])
+                 for v, r in zip(leaves, rows, strict=True)])
+
+        self.values = self.strategy.experimental_distribute_values_from_function(value_fn)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _serialize_to_tensors(self):
+        flat = tf.nest.flatten(self.gather())
+        return {f"leaf_{i}": t for i, t in enumerate(flat)}
+
+    def _restore_from_tensors(self, restored_tensors):
+        current = tf.nest.flatten(self.gather())
+        if len(restored_tensors) != len(current):
+            raise ValueError(f"The checkpoint holds {len(restored_tensors)} particle tensors, "
+                             f"this trainer {len(current)}; expected an identically built "
+                             "trainer (same system, estimator and num_particles).")
+        leaves = []
+        for i, now in enumerate(current):
+            value = restored_tensors[f"leaf_{i}"]
+            if value.shape != now.shape or value.dtype != now.dtype:
+                raise ValueError(
+                    f"Checkpointed particle tensor {i} has shape {value.shape} and dtype "
+                    f"{value.dtype.name}; this trainer expects {now.shape} and {now.dtype.name} "
+                    "(same system, estimator and num_particles).")
+            leaves.append(value)
+        self.scatter(tf.nest.pack_sequence_as(self.values, leaves))
+        return tf.no_op()
+
+
+def _all_gather(context, value):
+    if value.dtype == tf.bool:  # collectives take no bools
+        return context.all_gather(tf.cast(value, tf.int32), axis=0) > 0
+    return context.all_gather(value, axis=0)
+
+
+def write_checkpoint(strategy: tf.distribute.Strategy, checkpoint: tf.train.Checkpoint,
+                     path: str) -> str:
+    """Writes ``checkpoint`` to ``path`` from the chief; other workers write to a
+    temporary directory they delete, since each must take part in gathering the shards."""
+    if strategy.extended.should_checkpoint:
+        return checkpoint.write(path)
+    scratch = tempfile.mkdtemp(prefix="keras_es_worker_")
+    try:
+        checkpoint.write(os.path.join(scratch, os.path.basename(path) or "ckpt"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
