@@ -177,6 +177,9 @@ class ShardedParticles(tf.__internal__.tracking.Trackable):
 
 
 def _all_gather(context, value):
+    # The identity places the value on the replica's device: a collective on a
+    # function input without a device fails ("destinations can not be empty").
+    value = tf.identity(value)
     if value.dtype == tf.bool:  # collectives take no bools
         return context.all_gather(tf.cast(value, tf.int32), axis=0) > 0
     return context.all_gather(value, axis=0)

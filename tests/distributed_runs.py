@@ -1,0 +1,147 @@
+"""Runs small MetaTrainer trajectories under tf.distribute strategies, in a process of
+its own (logical devices must be configured before TensorFlow initializes).
+
+Used by tests/test_distribute.py:
+
+    python tests/distributed_runs.py mirrored --devices 4 --out result.json
+    python tests/distributed_runs.py worker --out result.json   # with TF_CONFIG set
+
+Prints nothing; writes ``{run name: {"theta": [[...] per step], ...}}`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+STEPS = 4
+
+
+def configure_devices(count: int) -> list[str]:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def oracle_trainer(strategy):
+    import keras
+
+    import keras_es
+    from keras_es import testing
+
+    # PES on the telescoped final loss, normalized: every reduction path is exercised
+    # (the dim-sized all-reduce and the per-pair all-gather of the spread).
+    estimator = keras_es.pes(0.1, 3, horizon=7, objective="final", normalize=True)
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(0.05)
+    return keras_es.MetaTrainer(testing.oracle_system(), estimator, testing.ORACLE_THETA,
+                                num_particles=16, optimizer=optimizer, seed=5,
+                                strategy=strategy)
+
+
+def keras_trainer(strategy, jit_compile=False):
+    import keras
+
+    import keras_es
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = (x[:, :3].sum(1) > 0).astype(np.int32) + (x[:, 3] > 0.5).astype(np.int32)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():  # mirrored template weights: each replica reads its own copy
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(3)])
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log"),
+                                  keras_es.Hyperparameter("momentum", 0.5, "logit")])
+    population = keras_es.Population(
+        model, 8, space, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras_es.engine.SGD("lr", momentum="momentum"))
+    system = keras_es.KerasSystem(population, (x[:48], y[:48]), (x[48:], y[48:]),
+                                  batch_size=8, step_loss="meta")
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(0.05)
+    return keras_es.MetaTrainer(system, keras_es.es_single(0.1, 2, horizon=6), space,
+                                num_particles=8, optimizer=optimizer, seed=3,
+                                strategy=strategy, jit_compile=jit_compile)
+
+
+BUILDERS = {"oracle": oracle_trainer, "keras": keras_trainer}
+
+
+def trajectory(trainer, steps=STEPS):
+    thetas, losses, valid = [], [], []
+    for _ in range(steps):
+        logs = trainer.step()
+        thetas.append(trainer.theta_value.tolist())
+        losses.append(logs["loss"])
+        valid.append(logs["valid_pairs"])
+    return {"theta": thetas, "loss": losses, "valid_pairs": valid}
+
+
+def mirrored(args):
+    # One MirroredStrategy per process: TensorFlow numbers collective groups per
+    # strategy object, and a second strategy over other devices would collide.
+    devices = configure_devices(args.devices)
+    strategy = tf.distribute.MirroredStrategy(devices)
+    default = tf.distribute.get_strategy()
+    out = {}
+    for name, build in BUILDERS.items():
+        out[f"{name}/1"] = trajectory(build(default))
+        out[f"{name}/{args.devices}"] = trajectory(build(strategy))
+    if args.checkpoints:
+        # 2 steps under one strategy, restored under the other, 2 more.
+        for source, target, tag in ((strategy, default, f"{args.devices}_to_1"),
+                                    (default, strategy, f"1_to_{args.devices}")):
+            first = BUILDERS["keras"](source)
+            head = trajectory(first, 2)
+            path = first.save(os.path.join(args.scratch, f"ckpt_{tag}"))
+            second = BUILDERS["keras"](target)
+            second.restore(path)
+            tail = trajectory(second, STEPS - 2)
+            out[f"keras/restore_{tag}"] = {key: head[key] + tail[key] for key in head}
+    if args.xla:
+        # The same code path with each replica's steps compiled by XLA.
+        out[f"keras/{args.devices}_xla"] = trajectory(keras_trainer(strategy, jit_compile=True))
+        out["keras/1_xla"] = trajectory(keras_trainer(default, jit_compile=True))
+    return out
+
+
+def worker(args):
+    """One worker of a MultiWorkerMirroredStrategy cluster (TF_CONFIG set by the caller)."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    out = {"replicas": strategy.num_replicas_in_sync,
+           "oracle/workers": trajectory(oracle_trainer(strategy))}
+    trainer = keras_trainer(strategy)
+    head = trajectory(trainer, 2)
+    # Every worker saves (the shards are all-gathered); only the chief writes the path.
+    out["checkpoint"] = trainer.save(os.path.join(args.scratch, "ckpt_workers"))
+    tail = trajectory(trainer, STEPS - 2)
+    out["keras/workers"] = {key: head[key] + tail[key] for key in head}
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("mirrored", "worker"))
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--scratch", default=None)
+    parser.add_argument("--checkpoints", action="store_true")
+    parser.add_argument("--xla", action="store_true")
+    args = parser.parse_args(argv)
+    args.scratch = args.scratch or os.path.dirname(os.path.abspath(args.out))
+    result = mirrored(args) if args.mode == "mirrored" else worker(args)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
