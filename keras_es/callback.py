@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks, engine
+from keras_es import checks, distribute, engine
 from keras_es.estimators import ESTIMATORS, Estimator
 from keras_es.keras_system import KerasSystem
 from keras_es.outer import MetaTrainer
@@ -78,6 +78,10 @@ class ESCallback(keras.callbacks.Callback):
         jit_compile: Compile the particles' window with XLA: ``True``, ``False``, or
             ``"auto"`` (default: when the fit has at least 500 windows, since XLA's
             compile time of a few seconds pays off only over many windows).
+        strategy: ``tf.distribute.Strategy`` to shard the particles over; default the
+            fitted model's ``distribute_strategy`` (the strategy whose ``scope()`` the
+            model was built in). ``num_particles`` must be a multiple of 2 x replicas,
+            and an ``outer_optimizer`` must be created inside ``strategy.scope()``.
     """
 
     def __init__(self, space: SearchSpace, optimizer, train_data, meta_data=None,
@@ -87,7 +91,8 @@ class ESCallback(keras.callbacks.Callback):
                  meta_batch_size: int | None = None,
                  outer_optimizer: keras.optimizers.Optimizer | None = None,
                  layer_hyperparameters: dict | None = None, backup_dir: str | None = None,
-                 seed: int = 0, verbose: int = 0, jit_compile: bool | str = "auto"):
+                 seed: int = 0, verbose: int = 0, jit_compile: bool | str = "auto",
+                 strategy: tf.distribute.Strategy | None = None):
         super().__init__()
         if jit_compile not in (True, False, "auto"):
             raise ValueError(f"jit_compile={jit_compile!r} is invalid; expected True, False "
@@ -117,6 +122,9 @@ class ESCallback(keras.callbacks.Callback):
                              "tf.data.Dataset to train on.")
         if verbose not in (0, 1, 2):
             raise ValueError(f"verbose={verbose!r} is invalid; expected 0, 1 or 2.")
+        if strategy is not None:
+            distribute.check_strategy(strategy, num_particles)
+        self.strategy = strategy
         self.space, self.inner_optimizer = space, optimizer
         self.train_data, self.meta_data = train_data, meta_data
         self.estimator, self.num_particles = estimator, num_particles
@@ -183,10 +191,15 @@ class ESCallback(keras.callbacks.Callback):
         system = KerasSystem(population, self.train_data, self.meta_data,
                              batch_size=self.batch_size, meta_batch_size=self.meta_batch_size,
                              step_loss="meta" if self.meta_data is not None else "train")
+        strategy = distribute.check_strategy(self.strategy or model.distribute_strategy,
+                                             self.num_particles)
+        outer_optimizer = self.outer_optimizer
+        if outer_optimizer is None:
+            with strategy.scope():
+                outer_optimizer = keras.optimizers.Adam(0.01)
         self.trainer = MetaTrainer(
-            system, estimator, self.space, self.num_particles,
-            optimizer=self.outer_optimizer or keras.optimizers.Adam(0.01), seed=self.seed,
-            jit_compile=self._use_xla(estimator))
+            system, estimator, self.space, self.num_particles, optimizer=outer_optimizer,
+            seed=self.seed, jit_compile=self._use_xla(estimator), strategy=strategy)
         self._batches = 0
         if self.backup_dir and os.path.exists(self._pointer_path):
             with open(self._pointer_path) as f:

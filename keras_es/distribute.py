@@ -197,3 +197,60 @@ def write_checkpoint(strategy: tf.distribute.Strategy, checkpoint: tf.train.Chec
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return path
+
+
+# Ops that call back into the Python host: impossible inside a TPU computation.
+_HOST_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc"})
+# Dtypes TPUs do not compute in.
+_TPU_DTYPES_MISSING = frozenset({tf.float64, tf.complex128, tf.string})
+
+
+def check_tpu_compatible(trainer) -> dict:
+    """Checks, on whatever device is at hand, what a ``TPUStrategy`` run needs from a
+    `keras_es.MetaTrainer`'s replica step; raises ``ValueError`` on the first problem.
+
+    The replica step (one window of this replica's pairs and the reduction of its
+    estimate) is traced with the replica's first pair index as a *tensor*, as TPU
+    replica ids are, and compiled with XLA (``jit_compile``). XLA compiles only graphs
+    whose every shape is static, so a successful compile shows static shapes; the graph
+    is also searched for Python callbacks (``tf.py_function``) and for float64, which
+    TPUs lack. The cross-replica sums are left out (identity): XLA on CPU or GPU cannot
+    compile TensorFlow's collectives, while on a TPU they become XLA's own
+    ``all-reduce``. The trainer is not modified.
+
+    Returns:
+        ``{"op_types": sorted op types in the step, "num_ops": count}``.
+    """
+    system_state, state = trainer._particles.gather()
+    theta = tf.constant(trainer.theta_value)
+    estimator, system, seed = trainer.estimator, trainer.system, trainer.seed
+    total = trainer.num_pairs
+
+    def replica_step(system_state, state, theta, first_pair):
+        shard = Shard(first_pair, total, _identity, _identity)
+        return estimator.window(system, system_state, state, theta, seed, shard)
+
+    step = tf.function(replica_step, jit_compile=True)
+    args = (system_state, state, theta, tf.constant(0, tf.int32))
+    try:
+        step.experimental_get_compiler_ir(*args)(stage="hlo")
+    except Exception as error:  # XLA reports unsupported ops and dynamic shapes so
+        raise ValueError(f"The replica step of {type(system).__name__} does not compile "
+                         f"with XLA: {error}") from error
+    graph = step.get_concrete_function(*args).graph
+    graph_def = graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    op_types = sorted({node.op for node in nodes})
+    host = sorted(_HOST_OPS.intersection(op_types))
+    if host:
+        raise ValueError(f"The replica step of {type(system).__name__} calls Python "
+                         f"({host}); a TPU cannot run host callbacks inside its step.")
+    for op in graph.get_operations():
+        for tensor in op.outputs:
+            if tensor.dtype in _TPU_DTYPES_MISSING:
+                raise ValueError(f"The replica step of {type(system).__name__} computes "
+                                 f"{tensor.dtype.name} ({op.type} {op.name!r}); TPUs have "
+                                 "no such dtype.")
+    return {"op_types": op_types, "num_ops": len(nodes)}

@@ -76,6 +76,35 @@ def keras_trainer(strategy, jit_compile=False):
 BUILDERS = {"oracle": oracle_trainer, "keras": keras_trainer}
 
 
+def callback_run(strategy):
+    """``model.fit`` under ``strategy`` with an ESCallback that inherits it."""
+    import keras
+
+    import keras_es
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(80, 6)).astype(np.float32)
+    y = (x[:, :3].sum(1) > 0).astype(np.int32)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.5),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log"),
+                                  keras_es.Hyperparameter("momentum", 0.5, "logit")])
+    callback = keras_es.ESCallback(space, keras_es.engine.SGD("lr", momentum="momentum"),
+                                   train_data=(x[:64], y[:64]), meta_data=(x[64:], y[64:]),
+                                   num_particles=8, truncation_length=2, batch_size=8,
+                                   seed=1, jit_compile=False)
+    history = model.fit(x[:64], y[:64], batch_size=16, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[callback])
+    return {"theta": callback.trainer.theta_value.tolist(),
+            "replicas": callback.trainer.strategy.num_replicas_in_sync,
+            "es_lr": history.history["es_lr"],
+            "es_momentum": history.history["es_momentum"]}
+
+
 def trajectory(trainer, steps=STEPS):
     thetas, losses, valid = [], [], []
     for _ in range(steps):
@@ -107,6 +136,9 @@ def mirrored(args):
             second.restore(path)
             tail = trajectory(second, STEPS - 2)
             out[f"keras/restore_{tag}"] = {key: head[key] + tail[key] for key in head}
+    if args.callback:
+        out["callback/1"] = callback_run(default)
+        out[f"callback/{args.devices}"] = callback_run(strategy)
     if args.xla:
         # The same code path with each replica's steps compiled by XLA.
         out[f"keras/{args.devices}_xla"] = trajectory(keras_trainer(strategy, jit_compile=True))
@@ -136,6 +168,7 @@ def main(argv=None):
     parser.add_argument("--scratch", default=None)
     parser.add_argument("--checkpoints", action="store_true")
     parser.add_argument("--xla", action="store_true")
+    parser.add_argument("--callback", action="store_true")
     args = parser.parse_args(argv)
     args.scratch = args.scratch or os.path.dirname(os.path.abspath(args.out))
     result = mirrored(args) if args.mode == "mirrored" else worker(args)

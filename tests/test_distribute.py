@@ -49,7 +49,7 @@ def _run(args, out, timeout=600, **env):
 def mirrored_runs(tmp_path_factory):
     """2 and 4 logical CPU devices, each in its own process, run side by side."""
     procs, outs = {}, {}
-    for devices, flags in ((2, ["--checkpoints"]), (4, ["--xla"])):
+    for devices, flags in ((2, ["--checkpoints", "--callback"]), (4, ["--xla"])):
         scratch = tmp_path_factory.mktemp(f"mirrored{devices}")
         outs[devices] = scratch / "out.json"
         procs[devices] = subprocess.Popen(
@@ -85,6 +85,18 @@ def test_checkpoints_restore_across_strategies(mirrored_runs):
     runs = mirrored_runs[2]
     _assert_same(runs["keras/restore_2_to_1"], runs["keras/1"])
     _assert_same(runs["keras/restore_1_to_2"], runs["keras/1"])
+
+
+def test_callback_inherits_the_fitted_models_strategy(mirrored_runs):
+    """ESCallback in a fit under MirroredStrategy shards its particles over the same
+    replicas and tunes theta as it does in a one-device fit."""
+    runs = mirrored_runs[2]
+    assert runs["callback/2"]["replicas"] == 2 and runs["callback/1"]["replicas"] == 1
+    np.testing.assert_allclose(runs["callback/2"]["theta"], runs["callback/1"]["theta"],
+                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(runs["callback/2"]["es_lr"], runs["callback/1"]["es_lr"],
+                               rtol=RTOL)
+    assert runs["callback/1"]["es_lr"][-1] != 0.05  # it tuned something
 
 
 def test_xla_inside_replicas_matches(mirrored_runs):
@@ -179,3 +191,36 @@ def test_one_device_strategy_matches_default():
         distributed_runs.oracle_trainer(tf.distribute.get_strategy()))
     one = distributed_runs.trajectory(distributed_runs.oracle_trainer(strategy))
     np.testing.assert_array_equal(one["theta"], default["theta"])
+
+
+# ---------------------------------------------------------------------- TPU readiness
+@pytest.mark.parametrize("builder", ["oracle", "keras"])
+def test_replica_step_is_tpu_shaped(builder):
+    """Static shapes (XLA compiles the replica step with a tensor replica id), no
+    Python callbacks, no float64, and a graph whose size does not depend on the number
+    of particles (no host-side Python per particle)."""
+    trainer = distributed_runs.BUILDERS[builder](tf.distribute.get_strategy())
+    report = distribute.check_tpu_compatible(trainer)
+    assert not {"PyFunc", "EagerPyFunc"} & set(report["op_types"])
+    assert {"StatelessWhile", "StatelessRandomNormalV2"} <= set(report["op_types"])
+    if builder == "oracle":
+        estimator = keras_es.pes(0.1, 3, horizon=7, objective="final", normalize=True)
+        larger = keras_es.MetaTrainer(testing.oracle_system(), estimator,
+                                      testing.ORACLE_THETA, num_particles=64, seed=5)
+        assert distribute.check_tpu_compatible(larger)["num_ops"] == report["num_ops"]
+
+
+class _PythonCallbackSystem(keras_es.UnrolledSystem):
+    def init(self, keys):
+        return tf.zeros([keys.shape[0]])
+
+    def step(self, state, theta, keys):
+        loss = tf.py_function(lambda t: tf.reduce_sum(t ** 2, -1), [theta], tf.float32)
+        return state + 1.0, tf.reshape(loss, [theta.shape[0]]), None
+
+
+def test_python_callback_is_reported():
+    trainer = keras_es.MetaTrainer(_PythonCallbackSystem(), keras_es.es_single(0.1, 2),
+                                   [0.0], num_particles=4)
+    with pytest.raises(ValueError, match="_PythonCallbackSystem"):
+        distribute.check_tpu_compatible(trainer)
