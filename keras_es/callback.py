@@ -185,18 +185,20 @@ class ESCallback(keras.callbacks.Callback):
         if not callable(loss):
             raise ValueError(f"The model's loss {model.loss!r} is not a single callable loss; "
                              "ESCallback supports single-output models.")
-        population = engine.Population(
-            model, self.num_particles, self.space, loss, self.inner_optimizer,
-            layer_hyperparameters=self.layer_hyperparameters)
-        system = KerasSystem(population, self.train_data, self.meta_data,
-                             batch_size=self.batch_size, meta_batch_size=self.meta_batch_size,
-                             step_loss="meta" if self.meta_data is not None else "train")
         strategy = distribute.check_strategy(self.strategy or model.distribute_strategy,
                                              self.num_particles)
         outer_optimizer = self.outer_optimizer
         if outer_optimizer is None:
             with strategy.scope():
                 outer_optimizer = keras.optimizers.Adam(0.01)
+        population = engine.Population(
+            model, self.num_particles, self.space, loss, self.inner_optimizer,
+            layer_hyperparameters=self.layer_hyperparameters)
+        with strategy.scope():  # the particles' data: one copy per replica
+            system = KerasSystem(
+                population, self.train_data, self.meta_data, batch_size=self.batch_size,
+                meta_batch_size=self.meta_batch_size,
+                step_loss="meta" if self.meta_data is not None else "train")
         self.trainer = MetaTrainer(
             system, estimator, self.space, self.num_particles, optimizer=outer_optimizer,
             seed=self.seed, jit_compile=self._use_xla(estimator), strategy=strategy)

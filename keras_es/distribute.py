@@ -4,7 +4,7 @@ ES needs very little to cross devices: every replica can regenerate any pair's n
 minibatch and re-initialization keys from integers (`keras_es.noise`), so a replica
 that holds pairs ``[first_pair, first_pair + pairs_per_replica)`` runs them on its own
 and contributes only a ``dim``-sized partial estimate and a handful of scalars to one
-all-reduce per window (plus one float per pair when the estimator normalizes by the
+all-reduce per window (plus two floats per pair when the estimator normalizes by the
 spread of the pairs' loss differences). No model-sized tensor is ever exchanged: theta
 and the outer optimizer are mirrored and updated identically on every replica from the
 same reduced estimate.
@@ -254,3 +254,41 @@ def check_tpu_compatible(trainer) -> dict:
                                  f"{tensor.dtype.name} ({op.type} {op.name!r}); TPUs have "
                                  "no such dtype.")
     return {"op_types": op_types, "num_ops": len(nodes)}
+
+
+def collective_payloads(trainer) -> list[dict]:
+    """The tensors one outer step of ``trainer`` sends between replicas, read from its
+    traced step (nothing is run).
+
+    Lists every collective op (all-reduce, all-gather, broadcast) with the shape, dtype
+    and bytes of the tensor one replica contributes, and every edge from an op placed
+    on one replica's device to an op placed on another's (an implicit copy, such as
+    the reduced estimate reaching the mirrored theta's update on each replica).
+
+    Returns:
+        ``[{"kind": "collective" | "copy", "op": op type, "device": device,
+        "shape": [...], "dtype": name, "bytes": int or None (unknown shape)}, ...]``.
+    """
+    concrete = trainer._step_fn.get_concrete_function(trainer._particles.values)
+    graph = concrete.graph
+    out = []
+
+    def entry(kind, op, tensor, device):
+        shape = tensor.shape
+        # keras_es's own exchanges have static shapes; None marks any other that does not.
+        size = (int(shape.num_elements()) * tensor.dtype.size if shape.is_fully_defined()
+                else None)
+        out.append({"kind": kind, "op": op.type, "device": device,
+                    "shape": shape.as_list() if shape.rank is not None else None,
+                    "dtype": tensor.dtype.name, "bytes": size})
+
+    for op in graph.get_operations():
+        if op.type.startswith(("Collective", "Nccl")) and op.type != "CollectiveAssignGroupV2":
+            entry("collective", op, op.inputs[0], op.device)
+            continue
+        for tensor in op.inputs:
+            source, target = tensor.op.device, op.device
+            if source and target and tf.DeviceSpec.from_string(source) != \
+                    tf.DeviceSpec.from_string(target) and tensor.dtype != tf.resource:
+                entry("copy", op, tensor, f"{source} -> {target}")
+    return out

@@ -326,26 +326,34 @@ class Estimator:
         """Sums the replicas' `WindowPartials` into the window's estimate.
 
         One all-reduce of ``dim + 6`` floats (the partial estimate, counts and loss
-        sums); with ``normalize``, also an all-gather of one float and one bool per
-        pair. Every replica gets the same result, and the same ``state.diverged``.
+        sums), plus two floats per pair (over all replicas) with ``normalize``. Every
+        replica gets the same result, and the same ``state.diverged``.
 
         Returns:
             ``(state, WindowResult)``.
         """
         dim = int(partials.pair_gradients.shape[-1])
         valid_count = tf.reduce_sum(tf.cast(partials.valid, tf.float32))
-        local = tf.concat([
-            tf.reduce_sum(partials.pair_gradients, 0),
-            tf.stack([valid_count, partials.loss_sum, partials.loss_count, partials.meta_sum,
-                      partials.meta_count, tf.cast(partials.diverged, tf.float32)])], 0)
-        total = shard.all_reduce(local)
+        pieces = [tf.reduce_sum(partials.pair_gradients, 0),
+                  tf.stack([valid_count, partials.loss_sum, partials.loss_count,
+                            partials.meta_sum, partials.meta_count,
+                            tf.cast(partials.diverged, tf.float32)])]
+        if self.normalize:
+            # The spread needs every pair's difference: each replica writes its own into
+            # a zero vector over all pairs, so the same sum carries them (x + 0 is exact)
+            # with static shapes, in the one reduction per window.
+            index = (shard.first_pair + tf.range(tf.shape(partials.valid)[0]))[:, None]
+            size = [shard.total_pairs]
+            pieces += [tf.scatter_nd(index, partials.differences, size),
+                       tf.scatter_nd(index, tf.cast(partials.valid, tf.float32), size)]
+        total = shard.all_reduce(tf.concat(pieces, 0))
         valid_count = total[dim]
         gradient = total[:dim] / tf.maximum(valid_count, 1.0)
         if self.normalize:
-            # Collectives take no bools: the mask travels as int32.
-            valid = shard.all_gather(tf.cast(partials.valid, tf.int32)) > 0
-            spread = _masked_std(shard.all_gather(partials.differences), valid)
-            gradient = tf.math.divide_no_nan(gradient, spread)
+            pairs = shard.total_pairs
+            differences = total[dim + 6:dim + 6 + pairs]
+            valid = total[dim + 6 + pairs:] > 0.5
+            gradient = tf.math.divide_no_nan(gradient, _masked_std(differences, valid))
         gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
         # Counts are exact in float32 up to 2^24.
         diverged = tf.cast(tf.round(total[dim + 5]), tf.int32)

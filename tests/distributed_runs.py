@@ -47,7 +47,7 @@ def oracle_trainer(strategy):
                                 strategy=strategy)
 
 
-def keras_trainer(strategy, jit_compile=False):
+def keras_trainer(strategy, jit_compile=False, hidden=8):
     import keras
 
     import keras_es
@@ -56,17 +56,17 @@ def keras_trainer(strategy, jit_compile=False):
     x = rng.normal(size=(64, 6)).astype(np.float32)
     y = (x[:, :3].sum(1) > 0).astype(np.int32) + (x[:, 3] > 0.5).astype(np.int32)
     keras.utils.set_random_seed(0)
-    with strategy.scope():  # mirrored template weights: each replica reads its own copy
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                                  keras.layers.Dense(3)])
     space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log"),
                                   keras_es.Hyperparameter("momentum", 0.5, "logit")])
-    population = keras_es.Population(
-        model, 8, space, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        keras_es.engine.SGD("lr", momentum="momentum"))
-    system = keras_es.KerasSystem(population, (x[:48], y[:48]), (x[48:], y[48:]),
-                                  batch_size=8, step_loss="meta")
-    with strategy.scope():
+    with strategy.scope():  # mirrored weights and data: each replica reads its own
+        model = keras.Sequential([keras.Input((6,)),
+                                  keras.layers.Dense(hidden, activation="relu"),
+                                  keras.layers.Dense(3)])
+        population = keras_es.Population(
+            model, 8, space, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            keras_es.engine.SGD("lr", momentum="momentum"))
+        system = keras_es.KerasSystem(population, (x[:48], y[:48]), (x[48:], y[48:]),
+                                      batch_size=8, step_loss="meta")
         optimizer = keras.optimizers.Adam(0.05)
     return keras_es.MetaTrainer(system, keras_es.es_single(0.1, 2, horizon=6), space,
                                 num_particles=8, optimizer=optimizer, seed=3,
@@ -139,6 +139,16 @@ def mirrored(args):
     if args.callback:
         out["callback/1"] = callback_run(default)
         out[f"callback/{args.devices}"] = callback_run(strategy)
+    if args.payloads:
+        from keras_es import distribute
+
+        # What crosses replicas per step, for a small and a 100x larger model.
+        for hidden in (8, 1024):
+            trainer = keras_trainer(strategy, hidden=hidden)
+            out[f"payloads/{hidden}"] = {
+                "parameters": int(sum(np.prod(v.shape) for v in
+                                      trainer.system.population.model.trainable_variables)),
+                "entries": distribute.collective_payloads(trainer)}
     if args.xla:
         # The same code path with each replica's steps compiled by XLA.
         out[f"keras/{args.devices}_xla"] = trajectory(keras_trainer(strategy, jit_compile=True))
@@ -169,6 +179,7 @@ def main(argv=None):
     parser.add_argument("--checkpoints", action="store_true")
     parser.add_argument("--xla", action="store_true")
     parser.add_argument("--callback", action="store_true")
+    parser.add_argument("--payloads", action="store_true")
     args = parser.parse_args(argv)
     args.scratch = args.scratch or os.path.dirname(os.path.abspath(args.out))
     result = mirrored(args) if args.mode == "mirrored" else worker(args)

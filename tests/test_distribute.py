@@ -49,7 +49,7 @@ def _run(args, out, timeout=600, **env):
 def mirrored_runs(tmp_path_factory):
     """2 and 4 logical CPU devices, each in its own process, run side by side."""
     procs, outs = {}, {}
-    for devices, flags in ((2, ["--checkpoints", "--callback"]), (4, ["--xla"])):
+    for devices, flags in ((2, ["--checkpoints", "--callback", "--payloads"]), (4, ["--xla"])):
         scratch = tmp_path_factory.mktemp(f"mirrored{devices}")
         outs[devices] = scratch / "out.json"
         procs[devices] = subprocess.Popen(
@@ -97,6 +97,17 @@ def test_callback_inherits_the_fitted_models_strategy(mirrored_runs):
     np.testing.assert_allclose(runs["callback/2"]["es_lr"], runs["callback/1"]["es_lr"],
                                rtol=RTOL)
     assert runs["callback/1"]["es_lr"][-1] != 0.05  # it tuned something
+
+
+def test_only_small_tensors_cross_replicas(mirrored_runs):
+    """One all-reduce of dim + 6 floats per replica and step, whatever the model size;
+    no implicit copies between replicas (the data and weights are mirrored)."""
+    small, large = (mirrored_runs[2][f"payloads/{h}"] for h in (8, 1024))
+    assert large["parameters"] > 100 * small["parameters"]
+    for run in (small, large):
+        assert [e["kind"] for e in run["entries"]] == ["collective", "collective"]
+        assert {e["bytes"] for e in run["entries"]} == {(2 + 6) * 4}  # dim = 2
+    assert small["entries"] == large["entries"]
 
 
 def test_xla_inside_replicas_matches(mirrored_runs):
