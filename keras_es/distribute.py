@@ -35,14 +35,11 @@ class Shard(NamedTuple):
             pair; its pairs are ``first_pair + range(local pairs)``.
         total_pairs: Number of pairs over all replicas (Python int).
         all_reduce: ``fn(tensor) -> tensor`` summing over replicas.
-        all_gather: ``fn(tensor) -> tensor`` concatenating over replicas along axis 0,
-            in replica order (which is global pair order).
     """
 
     first_pair: Any
     total_pairs: int
     all_reduce: Callable[[tf.Tensor], tf.Tensor]
-    all_gather: Callable[[tf.Tensor], tf.Tensor]
 
 
 def _identity(x):
@@ -51,7 +48,7 @@ def _identity(x):
 
 def single(num_pairs: int) -> Shard:
     """The shard of a one-device run: every pair, no communication."""
-    return Shard(0, int(num_pairs), _identity, _identity)
+    return Shard(0, int(num_pairs), _identity)
 
 
 def replica_shard(total_pairs: int) -> Shard:
@@ -65,8 +62,7 @@ def replica_shard(total_pairs: int) -> Shard:
     per_replica = total_pairs // replicas
     replica_id = tf.cast(context.replica_id_in_sync_group, tf.int32)
     return Shard(replica_id * per_replica, int(total_pairs),
-                 lambda x: context.all_reduce(tf.distribute.ReduceOp.SUM, x),
-                 lambda x: context.all_gather(x, axis=0))
+                 lambda x: context.all_reduce(tf.distribute.ReduceOp.SUM, x))
 
 
 def check_strategy(strategy, num_particles: int) -> tf.distribute.Strategy:
@@ -227,7 +223,7 @@ def check_tpu_compatible(trainer) -> dict:
     total = trainer.num_pairs
 
     def replica_step(system_state, state, theta, first_pair):
-        shard = Shard(first_pair, total, _identity, _identity)
+        shard = Shard(first_pair, total, _identity)
         return estimator.window(system, system_state, state, theta, seed, shard)
 
     step = tf.function(replica_step, jit_compile=True)

@@ -73,7 +73,34 @@ def keras_trainer(strategy, jit_compile=False, hidden=8):
                                 strategy=strategy, jit_compile=jit_compile)
 
 
-BUILDERS = {"oracle": oracle_trainer, "keras": keras_trainer}
+def poisoned_trainer(strategy):
+    """Particles whose perturbed theta[0] passes a threshold get an Inf loss and a NaN
+    state: which ones depends only on their noise, so on the same particles whatever
+    replica holds them."""
+    import keras
+
+    import keras_es
+    from keras_es import testing
+    from keras_es.systems import LinearQuadraticSystem
+
+    class Poisoned(LinearQuadraticSystem):
+        def step(self, state, theta, keys):
+            state, loss, done = super().step(state, theta, keys)
+            hit = theta[:, 0] > testing.ORACLE_THETA[0] + 0.12
+            return (tf.where(hit[:, None], np.nan, state), tf.where(hit, np.inf, loss),
+                    done)
+
+    inner = testing.oracle_system()
+    system = Poisoned(inner.A, inner.B, inner.c, inner.H, inner.y, inner.s0, inner.meta_H,
+                      inner.meta_y)
+    with strategy.scope():
+        optimizer = keras.optimizers.SGD(0.05)
+    return keras_es.MetaTrainer(system, keras_es.pes(0.1, 3, horizon=7), testing.ORACLE_THETA,
+                                num_particles=16, optimizer=optimizer, seed=7,
+                                strategy=strategy)
+
+
+BUILDERS = {"oracle": oracle_trainer, "keras": keras_trainer, "poisoned": poisoned_trainer}
 
 
 def callback_run(strategy):
@@ -106,13 +133,14 @@ def callback_run(strategy):
 
 
 def trajectory(trainer, steps=STEPS):
-    thetas, losses, valid = [], [], []
+    thetas, losses, valid, diverged = [], [], [], []
     for _ in range(steps):
         logs = trainer.step()
         thetas.append(trainer.theta_value.tolist())
         losses.append(logs["loss"])
         valid.append(logs["valid_pairs"])
-    return {"theta": thetas, "loss": losses, "valid_pairs": valid}
+        diverged.append(logs["diverged_pairs"])
+    return {"theta": thetas, "loss": losses, "valid_pairs": valid, "diverged_pairs": diverged}
 
 
 def mirrored(args):

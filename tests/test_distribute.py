@@ -69,6 +69,7 @@ def _assert_same(got, expected):
     np.testing.assert_allclose(got["theta"], expected["theta"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(got["loss"], expected["loss"], rtol=RTOL, atol=ATOL)
     assert got["valid_pairs"] == expected["valid_pairs"]
+    assert got["diverged_pairs"] == expected["diverged_pairs"]
 
 
 @pytest.mark.parametrize("devices", [2, 4])
@@ -79,6 +80,17 @@ def test_mirrored_matches_one_device(mirrored_runs, devices, system):
     # theta moved: the comparison is not between two untouched starting points.
     assert np.abs(np.subtract(runs[f"{system}/1"]["theta"][-1],
                               runs[f"{system}/1"]["theta"][0])).max() > 1e-3
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_diverging_particles_on_some_replicas(mirrored_runs, devices):
+    """Non-finite particles are excluded on their own replica: the same pairs are left
+    out as on one device, and theta stays finite and on the same trajectory."""
+    runs = mirrored_runs[devices]
+    _assert_same(runs[f"poisoned/{devices}"], runs["poisoned/1"])
+    assert sum(runs["poisoned/1"]["diverged_pairs"]) > 0
+    assert min(runs["poisoned/1"]["valid_pairs"]) > 0
+    assert np.all(np.isfinite(runs[f"poisoned/{devices}"]["theta"]))
 
 
 def test_checkpoints_restore_across_strategies(mirrored_runs):
