@@ -100,7 +100,25 @@ def poisoned_trainer(strategy):
                                 strategy=strategy)
 
 
-BUILDERS = {"oracle": oracle_trainer, "keras": keras_trainer, "poisoned": poisoned_trainer}
+def guided_trainer(strategy):
+    """Guided ES-Single with a surrogate pushed every step: the FIFO is replicated."""
+    import keras
+
+    import keras_es
+    from keras_es import testing
+
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(0.05)
+    estimator = keras_es.es_single(0.1, 3, horizon=7, objective="final",
+                                   guided=keras_es.GuidedConfig(k=1))
+    return keras_es.MetaTrainer(
+        testing.oracle_system(), estimator, testing.ORACLE_THETA, num_particles=16,
+        optimizer=optimizer, seed=2, strategy=strategy,
+        surrogate=lambda theta, step: theta * tf.cast(step + 1, tf.float32))
+
+
+BUILDERS = {"oracle": oracle_trainer, "keras": keras_trainer, "poisoned": poisoned_trainer,
+            "guided": guided_trainer}
 
 
 def callback_run(strategy):
