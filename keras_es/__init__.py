@@ -5,6 +5,7 @@ truncated unrolls: PES, ES-Single (noise reuse), Guided ES and telescoping sums.
 """
 
 from keras_es import (
+    distribute,
     engine,
     guided,
     keras_system,
@@ -48,6 +49,7 @@ __all__ = [
     "SearchSpace",
     "UnrolledSystem",
     "WindowResult",
+    "distribute",
     "engine",
     "es_single",
     "full_es",

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks, engine, noise
+from keras_es import checks, distribute, engine, noise
 from keras_es.estimators import ESTIMATORS, Estimator, GuidedConfig
 from keras_es.keras_system import KerasSystem
 from keras_es.outer import MetaTrainer
@@ -91,6 +91,10 @@ class ESCallback(keras.callbacks.Callback):
         jit_compile: Compile the particles' window with XLA: ``True``, ``False``, or
             ``"auto"`` (default: when the fit has at least 500 windows, since XLA's
             compile time of a few seconds pays off only over many windows).
+        strategy: ``tf.distribute.Strategy`` to shard the particles over; default the
+            fitted model's ``distribute_strategy`` (the strategy whose ``scope()`` the
+            model was built in). ``num_particles`` must be a multiple of 2 x replicas,
+            and an ``outer_optimizer`` must be created inside ``strategy.scope()``.
     """
 
     def __init__(self, space: SearchSpace, optimizer, train_data, meta_data=None,
@@ -101,7 +105,8 @@ class ESCallback(keras.callbacks.Callback):
                  meta_batch_size: int | None = None,
                  outer_optimizer: keras.optimizers.Optimizer | None = None,
                  layer_hyperparameters: dict | None = None, backup_dir: str | None = None,
-                 seed: int = 0, verbose: int = 0, jit_compile: bool | str = "auto"):
+                 seed: int = 0, verbose: int = 0, jit_compile: bool | str = "auto",
+                 strategy: tf.distribute.Strategy | None = None):
         super().__init__()
         if jit_compile not in (True, False, "auto"):
             raise ValueError(f"jit_compile={jit_compile!r} is invalid; expected True, False "
@@ -137,6 +142,9 @@ class ESCallback(keras.callbacks.Callback):
                              "tf.data.Dataset to train on.")
         if verbose not in (0, 1, 2):
             raise ValueError(f"verbose={verbose!r} is invalid; expected 0, 1 or 2.")
+        if strategy is not None:
+            distribute.check_strategy(strategy, num_particles)
+        self.strategy = strategy
         self.space, self.inner_optimizer = space, optimizer
         self.train_data, self.meta_data = train_data, meta_data
         self.estimator, self.guided, self.num_particles = estimator, guided, num_particles
@@ -203,6 +211,12 @@ class ESCallback(keras.callbacks.Callback):
         if not callable(loss):
             raise ValueError(f"The model's loss {model.loss!r} is not a single callable loss; "
                              "ESCallback supports single-output models.")
+        strategy = distribute.check_strategy(self.strategy or model.distribute_strategy,
+                                             self.num_particles)
+        outer_optimizer = self.outer_optimizer
+        if outer_optimizer is None:
+            with strategy.scope():
+                outer_optimizer = keras.optimizers.Adam(0.01)
         population = engine.Population(
             model, self.num_particles, self.space, loss, self.inner_optimizer,
             layer_hyperparameters=self.layer_hyperparameters)
@@ -210,20 +224,28 @@ class ESCallback(keras.callbacks.Callback):
         # validation losses would be computed for nothing.
         step_loss = ("meta" if self.meta_data is not None and estimator.objective == "sum"
                      else "train")
-        system = KerasSystem(population, self.train_data, self.meta_data,
-                             batch_size=self.batch_size, meta_batch_size=self.meta_batch_size,
-                             step_loss=step_loss)
+        with strategy.scope():  # the particles' data: one copy per replica
+            system = KerasSystem(
+                population, self.train_data, self.meta_data, batch_size=self.batch_size,
+                meta_batch_size=self.meta_batch_size, step_loss=step_loss)
         surrogate = None
         if estimator.guided is not None:
+            if strategy.num_replicas_in_sync > 1:
+                raise ValueError(
+                    "guided=... with a strategy of "
+                    f"{strategy.num_replicas_in_sync} replicas is not supported: the "
+                    "one-step hypergradient is taken on one particle's state, which lives "
+                    "on one replica; use one device or an Estimator without guided.")
+
             def surrogate(theta, outer_step):
                 # The step's own key: a restored run draws the same surrogate batches.
                 key = noise.pair_seeds(self.seed, noise.STREAM_SURROGATE,
                                        tf.constant([0]), tf.cast(outer_step, tf.int32)[None])[0]
                 return system.hypergradient(self.trainer.system_state, theta, key)
         self.trainer = MetaTrainer(
-            system, estimator, self.space, self.num_particles,
-            optimizer=self.outer_optimizer or keras.optimizers.Adam(0.01), seed=self.seed,
-            surrogate=surrogate, jit_compile=self._use_xla(estimator))
+            system, estimator, self.space, self.num_particles, optimizer=outer_optimizer,
+            seed=self.seed, surrogate=surrogate, jit_compile=self._use_xla(estimator),
+            strategy=strategy)
         self._batches = 0
         self.window_history = []
         if self.backup_dir and os.path.exists(self._pointer_path):

@@ -29,6 +29,9 @@ from keras_es.schedules import Schedule, Value
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import select
 
+# Reductions for which a Keras loss divides by the number of replicas in sync.
+_KERAS_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
 
 class PopulationState(NamedTuple):
     """Every particle's weights and optimizer state (leading dimension N).
@@ -344,7 +347,15 @@ class Population:
 
     # ------------------------------------------------------------------ steps
     def _loss(self, y, y_pred):
-        return tf.cast(self.loss(y, y_pred), tf.float32)
+        loss = tf.cast(self.loss(y, y_pred), tf.float32)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if (replicas > 1 and isinstance(self.loss, keras.losses.Loss)
+                and self.loss.reduction in _KERAS_MEAN_REDUCTIONS):
+            # Under a tf.distribute strategy a Keras loss divides its mean by the number
+            # of replicas, taking each replica's batch for a shard of one global batch.
+            # A particle's batch is whole on its replica: undo the division.
+            loss = loss * float(replicas)
+        return loss
 
     def train_step(self, state: PopulationState, theta: tf.Tensor, x, y):
         """One optimizer step for every particle.

@@ -32,7 +32,9 @@ over an episode to ``dF_T xi_T``: unbiased for the final loss.
 
 Everything is a pure function of explicit state (`EstimatorState`), traced
 once under ``tf.function`` with a graph loop over steps and no Python loop over
-particles.
+particles. Under a ``tf.distribute`` strategy each replica runs the same code on its
+`keras_es.distribute.Shard` of the pairs; `Estimator.combine` is the only place
+replicas exchange anything (one ``dim``-sized all-reduce per window).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any, NamedTuple
 import tensorflow as tf
 
 from keras_es import checks
+from keras_es import distribute as distribute_lib
 from keras_es import guided as guided_lib
 from keras_es import noise as noise_lib
 from keras_es.unrolled import UnrolledSystem, select
@@ -116,6 +119,32 @@ class EstimatorState(NamedTuple):
     diverged: tf.Tensor
 
 
+class WindowPartials(NamedTuple):
+    """One replica's share of a window, before `Estimator.combine` sums over replicas.
+
+    Attributes:
+        pair_gradients: float32 ``[pairs, dim]``, each local pair's estimate (zeros for
+            invalid pairs).
+        differences: float32 ``[pairs]``, the credited loss differences (for
+            ``normalize``).
+        valid: bool ``[pairs]``, pairs whose window was finite and credited.
+        loss_sum: Sum of the finite particles' per-step losses.
+        loss_count: Number of those losses.
+        meta_sum: Sum of the finite window-end meta-losses (``objective="final"``).
+        meta_count: Number of those meta-losses.
+        diverged: int32, local pairs reset after a non-finite loss.
+    """
+
+    pair_gradients: tf.Tensor
+    differences: tf.Tensor
+    valid: tf.Tensor
+    loss_sum: tf.Tensor
+    loss_count: tf.Tensor
+    meta_sum: tf.Tensor
+    meta_count: tf.Tensor
+    diverged: tf.Tensor
+
+
 class WindowResult(NamedTuple):
     """What one window of K steps produced.
 
@@ -126,7 +155,8 @@ class WindowResult(NamedTuple):
         valid_pairs: int32, pairs whose window was finite and credited.
         diverged_pairs: int32, pairs reset in this window after a non-finite loss.
         pair_gradients: float32 ``[pairs, dim]``, each pair's own estimate (zeros for
-            invalid pairs); ``gradient`` is their mean over valid pairs.
+            invalid pairs); ``gradient`` is their mean over valid pairs. Under a
+            strategy: only this replica's pairs.
     """
 
     gradient: tf.Tensor
@@ -225,19 +255,22 @@ class Estimator:
             final_difference=tf.zeros([num_pairs], tf.float32), final_accumulator=zeros_v,
             guided=guided_lib.init(k, dim), diverged=tf.constant(0, tf.int32))
 
+    def _staggered(self) -> bool:
+        return self.stagger and self.horizon is not None and self.horizon > 1
+
     def start_offsets(self, num_pairs: int) -> tf.Tensor:
         """Steps each pair is burned in before the first window (trap 5)."""
-        return tf.constant(self._offsets(num_pairs), tf.int32, shape=[num_pairs])
+        if not self._staggered():
+            return tf.zeros([num_pairs], tf.int32)
+        return tf.constant([(p * self.horizon) // num_pairs for p in range(num_pairs)], tf.int32)
 
-    def _offsets(self, num_pairs: int) -> list[int]:
-        if not (self.stagger and self.horizon is not None and self.horizon > 1):
-            return [0] * num_pairs
-        return [(p * self.horizon) // num_pairs for p in range(num_pairs)]
-
-    def init_system(self, system: UnrolledSystem, num_pairs: int, seed) -> Any:
-        """Initial system states for ``2 * num_pairs`` particles (episode 0 keys)."""
+    def init_system(self, system: UnrolledSystem, num_pairs: int, seed,
+                    first_pair=0) -> Any:
+        """Initial system states for ``2 * num_pairs`` particles (episode 0 keys) of
+        pairs ``first_pair, ..., first_pair + num_pairs - 1``."""
+        pair_index = first_pair + tf.range(num_pairs)
         keys = _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_EPISODE,
-                                          tf.range(num_pairs), tf.zeros([num_pairs], tf.int32)))
+                                          pair_index, tf.zeros([num_pairs], tf.int32)))
         return system.init(keys)
 
     def push_surrogate(self, state: EstimatorState, surrogate: tf.Tensor) -> EstimatorState:
@@ -249,25 +282,33 @@ class Estimator:
 
     # ------------------------------------------------------------------ windows
     def burn_in(self, system: UnrolledSystem, system_state, state: EstimatorState,
-                theta: tf.Tensor, seed):
+                theta: tf.Tensor, seed, shard: distribute_lib.Shard | None = None,
+                jit_compile: bool = False):
         """Advances pair ``p`` by ``start_offsets[p]`` uncredited steps.
 
         The steps use the pair's perturbations and build its accumulator exactly as
         credited steps would, so later windows stay unbiased; only their losses are not
-        credited. Returns ``(system_state, state)``.
+        credited. ``shard`` and ``jit_compile`` are as in `window`. Returns
+        ``(system_state, state)``.
         """
         num_pairs = int(state.episode_step.shape[0])
-        offsets = self.start_offsets(num_pairs)
-        longest = max(self._offsets(num_pairs), default=0)  # static: no graph op
+        shard = shard or distribute_lib.single(num_pairs)
+        total = shard.total_pairs
+        # Python arithmetic (not a tensor), so no graph conditional ever wraps the
+        # cross-replica reduction below. Offsets ascend: the last pair's is the longest.
+        longest = (total - 1) * self.horizon // total if self._staggered() else 0
         if longest == 0:
             return system_state, state
-        wait = longest - offsets
-        system_state, state, _ = self._run(system, system_state, state, theta, seed,
-                                           num_steps=longest, wait=wait, credit=False)
+        wait = longest - self._offsets(shard.first_pair + tf.range(num_pairs), total)
+        system_state, state, partials = self._local(
+            system, system_state, state, theta, seed, shard.first_pair, longest, wait,
+            credit=False, jit_compile=jit_compile)
+        state, _ = self.combine(state, partials, shard)
         return system_state, state
 
     def window(self, system: UnrolledSystem, system_state, state: EstimatorState,
-               theta: tf.Tensor, seed):
+               theta: tf.Tensor, seed, shard: distribute_lib.Shard | None = None,
+               jit_compile: bool = False):
         """Runs one truncated unroll of K steps and estimates the gradient.
 
         Args:
@@ -276,21 +317,82 @@ class Estimator:
             state: This estimator's `EstimatorState`.
             theta: float32 ``[dim]`` unconstrained hyperparameters.
             seed: int scalar, the run's seed.
+            shard: The pairs this replica holds (`keras_es.distribute.replica_shard`
+                inside ``strategy.run``); default: all of them, on one device.
+            jit_compile: Compile the particles' steps with XLA (the cross-replica
+                reduction stays outside the compiled part).
 
         Returns:
             ``(system_state, state, WindowResult)``.
         """
         num_pairs = state.episode_step.shape[0]
-        return self._run(system, system_state, state, theta, seed,
-                         num_steps=self.truncation_length,
-                         wait=tf.zeros([num_pairs], tf.int32), credit=True)
+        shard = shard or distribute_lib.single(num_pairs)
+        system_state, state, partials = self._local(
+            system, system_state, state, theta, seed, shard.first_pair,
+            self.truncation_length, tf.zeros([num_pairs], tf.int32), credit=True,
+            jit_compile=jit_compile)
+        state, result = self.combine(state, partials, shard)
+        return system_state, state, result
+
+    def combine(self, state: EstimatorState, partials: WindowPartials,
+                shard: distribute_lib.Shard):
+        """Sums the replicas' `WindowPartials` into the window's estimate.
+
+        One all-reduce of ``dim + 6`` floats (the partial estimate, counts and loss
+        sums), plus two floats per pair (over all replicas) with ``normalize``. Every
+        replica gets the same result, and the same ``state.diverged``.
+
+        Returns:
+            ``(state, WindowResult)``.
+        """
+        dim = int(partials.pair_gradients.shape[-1])
+        valid_count = tf.reduce_sum(tf.cast(partials.valid, tf.float32))
+        pieces = [tf.reduce_sum(partials.pair_gradients, 0),
+                  tf.stack([valid_count, partials.loss_sum, partials.loss_count,
+                            partials.meta_sum, partials.meta_count,
+                            tf.cast(partials.diverged, tf.float32)])]
+        if self.normalize:
+            # The spread needs every pair's difference: each replica writes its own into
+            # a zero vector over all pairs, so the same sum carries them (x + 0 is exact)
+            # with static shapes, in the one reduction per window.
+            index = (shard.first_pair + tf.range(tf.shape(partials.valid)[0]))[:, None]
+            size = [shard.total_pairs]
+            pieces += [tf.scatter_nd(index, partials.differences, size),
+                       tf.scatter_nd(index, tf.cast(partials.valid, tf.float32), size)]
+        total = shard.all_reduce(tf.concat(pieces, 0))
+        valid_count = total[dim]
+        gradient = total[:dim] / tf.maximum(valid_count, 1.0)
+        if self.normalize:
+            pairs = shard.total_pairs
+            differences = total[dim + 6:dim + 6 + pairs]
+            valid = total[dim + 6 + pairs:] > 0.5
+            gradient = tf.math.divide_no_nan(gradient, _masked_std(differences, valid))
+        gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
+        # Counts are exact in float32 up to 2^24.
+        diverged = tf.cast(tf.round(total[dim + 5]), tf.int32)
+        meta_mean = (tf.math.divide_no_nan(total[dim + 3], total[dim + 4])
+                     if self.objective == "final" else tf.constant(float("nan")))
+        state = state._replace(diverged=state.diverged + diverged)
+        return state, WindowResult(
+            gradient=gradient,
+            loss=tf.math.divide_no_nan(total[dim + 1], total[dim + 2]),
+            meta_loss=meta_mean,
+            valid_pairs=tf.cast(tf.round(valid_count), tf.int32),
+            diverged_pairs=diverged,
+            pair_gradients=partials.pair_gradients)
 
     # ------------------------------------------------------------------ internals
-    def _draw(self, seed, draws, subspace, dim):
+    def _offsets(self, pair_index, total_pairs):
+        """`start_offsets` of the given global pair indices, in the graph."""
+        if not self._staggered():
+            return tf.zeros_like(pair_index)
+        # int64: pair index times horizon can pass 2^31.
+        offsets = (tf.cast(pair_index, tf.int64) * self.horizon) // total_pairs
+        return tf.cast(offsets, tf.int32)
+
+    def _draw(self, seed, pair_index, draws, subspace, dim):
         """Noise and score for every pair at its current draw count."""
-        num_pairs = draws.shape[0]
-        seeds = noise_lib.pair_seeds(seed, noise_lib.STREAM_PERTURBATION,
-                                     tf.range(num_pairs), draws)
+        seeds = noise_lib.pair_seeds(seed, noise_lib.STREAM_PERTURBATION, pair_index, draws)
         if self.guided is None:
             z = noise_lib.normal_rows(seeds, dim)
             eps = self.sigma * z
@@ -301,11 +403,27 @@ class Estimator:
             return eps, self.guided.beta * eps
         return eps, guided_lib.inverse_covariance(subspace, eps)
 
-    def _run(self, system, system_state, state, theta, seed, num_steps, wait, credit):
+    def _local(self, system, system_state, state, theta, seed, first_pair, num_steps, wait,
+               credit, jit_compile):
+        """`_run`, compiled with XLA when asked (a fresh function per trace of the
+        caller, which traces once)."""
+        if not jit_compile:
+            return self._run(system, system_state, state, theta, seed, first_pair, num_steps,
+                             wait, credit)
+        run = tf.function(
+            lambda s, st, th, w, f: self._run(system, s, st, th, seed, f, num_steps, w, credit),
+            jit_compile=True, autograph=False)
+        return run(system_state, state, tf.convert_to_tensor(theta, tf.float32), wait,
+                   tf.convert_to_tensor(first_pair, tf.int32))
+
+    def _run(self, system, system_state, state, theta, seed, first_pair, num_steps, wait,
+             credit):
+        """Runs ``num_steps`` steps of this replica's pairs; returns
+        ``(system_state, state, WindowPartials)``."""
         theta = tf.convert_to_tensor(theta, tf.float32)
         dim = int(theta.shape[-1])
         num_pairs = int(state.episode_step.shape[0])
-        pair_index = tf.range(num_pairs)
+        pair_index = first_pair + tf.range(num_pairs)
         sign = tf.tile(tf.constant([1.0, -1.0]), [num_pairs])[:, None]
         subspace = (guided_lib.subspace(state.guided, self.guided.alpha)
                     if self.guided is not None else None)
@@ -330,7 +448,7 @@ class Estimator:
                 draw = active & tf.equal(st.episode_step % self.resample, 0)
             eps_new, score_new = tf.cond(
                 tf.reduce_any(draw),
-                lambda: self._draw(seed, st.draws, subspace, dim),
+                lambda: self._draw(seed, pair_index, st.draws, subspace, dim),
                 lambda: (st.noise, st.score))
             drawn = draw[:, None]
             noise = tf.where(drawn, eps_new, st.noise)
@@ -413,7 +531,7 @@ class Estimator:
         (_, system_state, state, credit_sum, diff_sum, loss_sum, loss_count, invalid,
          diverged) = carry
 
-        meta_mean = tf.constant(float("nan"))
+        meta_sum = meta_count = tf.constant(0.0)
         if final:
             # Window-end telescoping term for pairs inside an episode (a pair that has
             # just restarted is at F_0 = 0 and contributes nothing).
@@ -436,28 +554,16 @@ class Estimator:
                                                 pair_index)
             both = tf.concat([f_plus, f_minus], 0)
             both_ok = tf.concat([f_ok, f_ok], 0)
-            meta_mean = tf.math.divide_no_nan(
-                tf.reduce_sum(tf.where(both_ok, both, 0.0)),
-                tf.reduce_sum(tf.cast(both_ok, tf.float32)))
+            meta_sum = tf.reduce_sum(tf.where(both_ok, both, 0.0))
+            meta_count = tf.reduce_sum(tf.cast(both_ok, tf.float32))
 
         valid = ~invalid
-        valid_count = tf.reduce_sum(tf.cast(valid, tf.int32))
         pair_gradients = tf.where(valid[:, None], credit_sum, 0.0) / (2.0 * self.sigma ** 2)
-        gradient = tf.reduce_sum(pair_gradients, 0) / tf.cast(tf.maximum(valid_count, 1),
-                                                             tf.float32)
-        if self.normalize:
-            spread = _masked_std(diff_sum, valid)
-            gradient = tf.math.divide_no_nan(gradient, spread)
-        gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
-        state = state._replace(diverged=state.diverged + diverged)
-        result = WindowResult(
-            gradient=gradient,
-            loss=tf.math.divide_no_nan(loss_sum, loss_count),
-            meta_loss=meta_mean,
-            valid_pairs=valid_count,
-            diverged_pairs=diverged,
-            pair_gradients=pair_gradients)
-        return system_state, state, result
+        partials = WindowPartials(
+            pair_gradients=pair_gradients, differences=diff_sum, valid=valid,
+            loss_sum=loss_sum, loss_count=loss_count, meta_sum=meta_sum,
+            meta_count=meta_count, diverged=diverged)
+        return system_state, state, partials
 
     def _restart(self, system, sys_state, st, restart, seed, pair_index):
         """Starts a new episode for the pairs in ``restart`` (both twins, same key)."""

@@ -48,8 +48,16 @@ def as_tensors(data, name: str):
     return x, y
 
 
+def _data_variable(tensor):
+    return tf.Variable(tensor, trainable=False)
+
+
 class KerasSystem(UnrolledSystem):
     """Trains a `Population` on minibatches; the meta-loss evaluates it on meta data.
+
+    The data is held in ``tf.Variable`` objects: build the system inside
+    ``strategy.scope()`` (with the model) to give every replica of a ``tf.distribute``
+    strategy its own copy.
 
     Example:
 
@@ -87,9 +95,12 @@ class KerasSystem(UnrolledSystem):
         if step_loss not in ("train", "meta"):
             raise ValueError(f"step_loss={step_loss!r} is invalid; expected 'train' or 'meta'.")
         self.population = population
-        self.x, self.y = as_tensors(train_data, "train_data")
-        self.meta_x, self.meta_y = (as_tensors(meta_data, "meta_data") if meta_data is not None
-                                    else (self.x, self.y))
+        # Variables made in the current strategy's scope: under a tf.distribute strategy
+        # every replica then reads its own copy of the data instead of receiving the
+        # whole array from the first device at every step.
+        self.x, self.y = (_data_variable(t) for t in as_tensors(train_data, "train_data"))
+        self.meta_x, self.meta_y = ((_data_variable(t) for t in as_tensors(meta_data, "meta_data"))
+                                    if meta_data is not None else (self.x, self.y))
         if step_loss == "meta" and meta_batch_size is None:
             meta_batch_size = batch_size
         self.batch_size, self.meta_batch_size = batch_size, meta_batch_size
@@ -133,6 +144,7 @@ class KerasSystem(UnrolledSystem):
 
     def _evaluate(self, state, keys):
         if self.meta_batch_size is None:
-            return self.population.evaluate(state, self.meta_x, self.meta_y)["loss"]
+            return self.population.evaluate(state, tf.convert_to_tensor(self.meta_x),
+                                            tf.convert_to_tensor(self.meta_y))["loss"]
         x, y = self._batch(self.meta_x, self.meta_y, keys, self.meta_batch_size, False)
         return self.population.evaluate(state, x, y)["loss"]

@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_es import checks
-from keras_es.estimators import Estimator
+from keras_es import distribute as distribute_lib
+from keras_es.estimators import Estimator, EstimatorState
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import UnrolledSystem
 
@@ -23,8 +24,18 @@ class MetaTrainer:
 
     Each `step` runs one truncated window of K steps for every particle, forms the
     estimate, and applies it to ``theta`` with a Keras optimizer. All of it is one
-    ``tf.function``, traced once. Particle and estimator states live in ``tf.Variable``
-    objects, so `save` and `restore` checkpoint a run between any two steps.
+    ``tf.function``, traced once. `save` and `restore` checkpoint a run between any
+    two steps.
+
+    Under a ``tf.distribute`` strategy (``strategy=...``, or the one whose
+    ``scope()`` the trainer is built in) the pairs are sharded over the replicas: each
+    runs its share, vectorized, regenerating its pairs' noise from integers, and the
+    replicas exchange only a ``dim``-sized partial estimate per step. theta and the
+    outer optimizer are mirrored, updated identically on every replica. The same seed
+    gives the same theta trajectory on any number of replicas, up to float rounding
+    (sums are taken in a different order). Checkpoints hold every pair in global order
+    whatever the strategy, so a run saved under one strategy restores under another
+    with the same ``num_particles``. See the distribution guide.
 
     Example:
 
@@ -48,12 +59,18 @@ class MetaTrainer:
             re-initialization key is derived.
         surrogate: Optional ``surrogate(theta, outer_step) -> [dim]`` tensor function,
             pushed into the guided FIFO before every window (needs ``estimator.guided``).
-        jit_compile: Compile the outer step with XLA.
+        jit_compile: Compile the particles' steps with XLA.
+        strategy: A ``tf.distribute.Strategy`` to shard the particles over; default
+            the current one (``tf.distribute.get_strategy()``: one device unless the
+            trainer is built inside a ``strategy.scope()``). ``num_particles`` must be
+            a multiple of 2 x replicas, and a given ``optimizer`` must be created inside
+            ``strategy.scope()``.
     """
 
     def __init__(self, system: UnrolledSystem, estimator: Estimator,
                  theta, num_particles: int, optimizer: keras.optimizers.Optimizer | None = None,
-                 seed: int = 0, surrogate: Callable | None = None, jit_compile: bool = False):
+                 seed: int = 0, surrogate: Callable | None = None, jit_compile: bool = False,
+                 strategy: tf.distribute.Strategy | None = None):
         if not isinstance(estimator, Estimator):
             raise ValueError(f"estimator={estimator!r} is invalid; expected a keras_es Estimator "
                              "such as keras_es.es_single(...).")
@@ -68,34 +85,55 @@ class MetaTrainer:
         if estimator.objective == "final" and type(system).meta_loss is UnrolledSystem.meta_loss:
             raise ValueError(f"objective='final' needs {type(system).__name__}.meta_loss(); "
                              "implement it or use objective='sum'.")
+        strategy = distribute_lib.check_strategy(strategy, num_particles)
+        if optimizer is not None and \
+                getattr(optimizer, "_distribution_strategy", strategy) is not strategy:
+            # Keras optimizers bind to the strategy current when they are created.
+            raise ValueError(
+                f"optimizer={type(optimizer).__name__}(...) was created outside the scope of "
+                f"strategy={type(strategy).__name__}; create it inside "
+                "`with strategy.scope():` (or leave it None).")
         self.space = theta if isinstance(theta, SearchSpace) else None
         initial = self.space.encode() if self.space else np.asarray(theta, np.float32)
         if initial.ndim != 1 or initial.size == 0 or not np.all(np.isfinite(initial)):
             raise ValueError(f"theta={theta!r} is invalid; expected a non-empty finite vector.")
         self.system = system
         self.estimator = estimator
+        self.strategy = strategy
         self.num_pairs = num_particles // 2
         self.seed = int(seed)
         self.surrogate = surrogate
-        self.optimizer = optimizer or keras.optimizers.SGD(learning_rate=0.01)
-        self.theta = keras.Variable(initial.astype(np.float32), name="theta")
-        self.optimizer.build([self.theta])
-        self.outer_step = tf.Variable(0, dtype=tf.int64, name="outer_step")
+        self.jit_compile = bool(jit_compile)
+        with strategy.scope():  # mirrored meta-state: one identical copy per replica
+            self.optimizer = optimizer or keras.optimizers.SGD(learning_rate=0.01)
+            self.theta = keras.Variable(initial.astype(np.float32), name="theta")
+            self.optimizer.build([self.theta])
+            self.outer_step = tf.Variable(0, dtype=tf.int64, name="outer_step")
 
-        system_state = estimator.init_system(system, self.num_pairs, self.seed)
-        state = estimator.init(self.num_pairs, initial.size)
-        # Compiled: a burn-in can be as long as a whole episode.
-        burn_in = tf.function(
-            lambda s, st: estimator.burn_in(system, s, st, tf.constant(initial), self.seed),
-            jit_compile=jit_compile, autograph=False)
-        if int(tf.reduce_max(estimator.start_offsets(self.num_pairs))) > 0:
-            system_state, state = burn_in(system_state, state)
-        self._system_vars = tf.nest.map_structure(_variable, system_state)
-        self._state_vars = tf.nest.map_structure(_variable, state)
-        # autograph=False: keras_es writes its graph control flow explicitly
-        # (tf.while_loop, tf.cond), and AutoGraph's source transformation of every
-        # function reached (Keras layers included) was 3/4 of the first step's time.
-        self._step_fn = tf.function(self._step, jit_compile=jit_compile, autograph=False)
+        pairs_per_replica = self.num_pairs // strategy.num_replicas_in_sync
+        dim = int(initial.size)
+
+        def start(theta):
+            def replica():
+                shard = distribute_lib.replica_shard(self.num_pairs)
+                system_state = estimator.init_system(system, pairs_per_replica, self.seed,
+                                                     first_pair=shard.first_pair)
+                state = estimator.init(pairs_per_replica, dim)
+                # A burn-in can be as long as a whole episode: compiled with the step.
+                system_state, state = estimator.burn_in(system, system_state, state, theta,
+                                                        self.seed, shard, jit_compile)
+                return system_state, state
+            return strategy.run(replica)
+
+        # autograph=False here and below: keras_es writes its graph control flow
+        # explicitly (tf.while_loop, tf.cond), and AutoGraph's source transformation of
+        # every function reached (Keras layers included) was 3/4 of a first step's time.
+        particles = tf.function(start, autograph=False)(tf.constant(initial))
+        self._check_layout(particles, pairs_per_replica)
+        rows = (tf.nest.map_structure(lambda _: 2 * pairs_per_replica, particles[0]),
+                _estimator_rows(particles[1], pairs_per_replica))
+        self._particles = distribute_lib.ShardedParticles(strategy, particles, rows)
+        self._step_fn = tf.function(self._step, autograph=False)
 
     # ------------------------------------------------------------------ public
     @property
@@ -113,18 +151,19 @@ class MetaTrainer:
         return self.space.decode(self.theta_value) if self.space else self.theta_value
 
     @property
-    def state(self):
-        """The estimator's current `EstimatorState`."""
-        return tf.nest.map_structure(tf.convert_to_tensor, self._state_vars)
+    def state(self) -> EstimatorState:
+        """The estimator's current `EstimatorState`, every pair in global order
+        (gathered from the replicas under a strategy)."""
+        return self._particles.gather()[1]
 
     @property
     def system_state(self):
-        """The particles' current states."""
-        return tf.nest.map_structure(tf.convert_to_tensor, self._system_vars)
+        """The particles' current states, every particle in global order."""
+        return self._particles.gather()[0]
 
     def step(self) -> dict:
         """One window and one update of theta; returns that window's logs."""
-        result = self._step_fn()
+        self._particles.values, result = self._step_fn(self._particles.values)
         logs = {
             "outer_step": int(self.outer_step.numpy()),
             "loss": float(result.loss),
@@ -175,32 +214,49 @@ class MetaTrainer:
             self.optimizer.finalize_variable_values([self.theta])
 
     def checkpoint(self) -> tf.train.Checkpoint:
-        """A ``tf.train.Checkpoint`` of theta, the optimizer and every particle state."""
+        """A ``tf.train.Checkpoint`` of theta, the optimizer and every particle state
+        (particles in global order, whatever the strategy)."""
         return tf.train.Checkpoint(theta=self.theta, optimizer=self.optimizer,
-                                   outer_step=self.outer_step,
-                                   system=tf.nest.flatten(self._system_vars),
-                                   estimator=tf.nest.flatten(self._state_vars))
+                                   outer_step=self.outer_step, particles=self._particles)
 
     def save(self, path: str) -> str:
-        """Writes a checkpoint; returns its path prefix."""
-        return self.checkpoint().write(path)
+        """Writes a checkpoint; returns its path prefix.
+
+        Under a multi-worker strategy every worker must call it (the particle shards
+        are gathered); the chief writes ``path``, the others a scratch copy they delete.
+        """
+        return distribute_lib.write_checkpoint(self.strategy, self.checkpoint(), path)
 
     def restore(self, path: str) -> None:
-        """Restores a checkpoint written by `save` of an identically built trainer."""
+        """Restores a checkpoint written by `save` of an identically built trainer
+        (same system, estimator, seed and ``num_particles``; any strategy)."""
         self.checkpoint().read(path).assert_consumed()
 
     # ------------------------------------------------------------------ internals
-    def _step(self):
-        read = lambda v: tf.convert_to_tensor(v)  # noqa: E731
-        system_state = tf.nest.map_structure(read, self._system_vars)
-        state = tf.nest.map_structure(read, self._state_vars)
-        theta = tf.convert_to_tensor(self.theta)
+    def _step(self, particles):
+        surrogate = None
         if self.surrogate is not None:
-            surrogate = tf.reshape(tf.cast(self.surrogate(theta, self.outer_step), tf.float32),
+            surrogate = tf.reshape(tf.cast(self.surrogate(tf.convert_to_tensor(self.theta),
+                                                          self.outer_step), tf.float32),
                                    [self.dim])
-            state = self.estimator.push_surrogate(state, surrogate)
-        system_state, state, result = self.estimator.window(
-            self.system, system_state, state, theta, self.seed)
+
+        def replica(particles):
+            system_state, state = particles
+            theta = tf.convert_to_tensor(self.theta)  # this replica's mirror
+            if surrogate is not None:
+                state = self.estimator.push_surrogate(state, surrogate)
+            system_state, state, result = self.estimator.window(
+                self.system, system_state, state, theta, self.seed,
+                distribute_lib.replica_shard(self.num_pairs), self.jit_compile)
+            # pair_gradients stay on the replica: only reduced values leave it.
+            return (system_state, state), result._replace(pair_gradients=tf.zeros([0]))
+
+        particles, result = self.strategy.run(replica, args=(particles,))
+        # Every replica holds the same reduced result; read the first local one.
+        result = tf.nest.map_structure(
+            lambda v: self.strategy.experimental_local_results(v)[0], result)
+        theta = tf.convert_to_tensor(self.theta)
+
         # A window in which every pair diverged carries no information: skip the update,
         # or a momentum optimizer (Adam) would keep coasting on its zero gradient, out
         # of the region where the particles diverge and on into wherever it points.
@@ -213,11 +269,23 @@ class MetaTrainer:
         # value rather than let a non-finite theta poison every later step.
         updated = tf.convert_to_tensor(self.theta)
         self.theta.assign(tf.where(tf.reduce_all(tf.math.is_finite(updated)), updated, theta))
-        tf.nest.map_structure(lambda v, t: v.assign(t), self._system_vars, system_state)
-        tf.nest.map_structure(lambda v, t: v.assign(t), self._state_vars, state)
         self.outer_step.assign_add(1)
-        return result
+        return particles, result
+
+    def _check_layout(self, particles, pairs_per_replica):
+        for leaf in tf.nest.flatten(particles[0]):
+            local = self.strategy.experimental_local_results(leaf)[0]
+            if local.shape.rank == 0 or local.shape[0] != 2 * pairs_per_replica:
+                raise ValueError(
+                    f"{type(self.system).__name__}.init returned a state leaf of shape "
+                    f"{local.shape}; expected a leading particle dimension of "
+                    f"{2 * pairs_per_replica} (num_particles per replica) on every leaf.")
 
 
-def _variable(t):
-    return tf.Variable(t, trainable=False)
+def _estimator_rows(state: EstimatorState, pairs_per_replica: int) -> EstimatorState:
+    """Rows per replica of each estimator-state leaf: per-pair leaves are sharded, the
+    guided FIFO and the divergence count are the same on every replica."""
+    per_pair = tf.nest.map_structure(lambda _: pairs_per_replica, state)
+    return per_pair._replace(guided=tf.nest.map_structure(lambda _: 0, state.guided),
+                             diverged=0)
+
