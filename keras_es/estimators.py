@@ -251,7 +251,7 @@ class Estimator:
         return system_state, state
 
     def window(self, system: UnrolledSystem, system_state, state: EstimatorState,
-               theta: tf.Tensor, seed):
+               theta: tf.Tensor, seed, active: tf.Tensor | None = None, credit: bool = True):
         """Runs one truncated unroll of K steps and estimates the gradient.
 
         Args:
@@ -260,14 +260,49 @@ class Estimator:
             state: This estimator's `EstimatorState`.
             theta: float32 ``[dim]`` unconstrained hyperparameters.
             seed: int scalar, the run's seed.
+            active: Optional bool ``[pairs]``: pairs that take part in this window
+                (default all). The others wait: their states, noise and counters do
+                not move and they are not credited (a staggered start run window by
+                window, as `ESOracle` does).
+            credit: Whether the window's losses are credited to the estimate
+                (``False`` for burn-in windows).
 
         Returns:
             ``(system_state, state, WindowResult)``.
         """
         num_pairs = state.episode_step.shape[0]
+        wait = tf.zeros([num_pairs], tf.int32)
+        if active is not None:
+            wait = tf.where(tf.convert_to_tensor(active, tf.bool), 0, self.truncation_length + 1)
         return self._run(system, system_state, state, theta, seed,
-                         num_steps=self.truncation_length,
-                         wait=tf.zeros([num_pairs], tf.int32), credit=True)
+                         num_steps=self.truncation_length, wait=wait, credit=credit)
+
+    def perturbed_theta(self, state: EstimatorState, theta: tf.Tensor, seed,
+                        active: tf.Tensor | None = None) -> tf.Tensor:
+        """The particle hyperparameters the first step of the next `window` applies.
+
+        Args:
+            state: The `EstimatorState` the next window starts from.
+            theta: float32 ``[dim]``.
+            seed: int scalar, the run's seed.
+            active: Optional bool ``[pairs]``, as in `window`.
+
+        Returns:
+            float32 ``[2 pairs, dim]``: ``theta + eps_p`` for particle ``2p`` and
+            ``theta - eps_p`` for ``2p + 1``. The same noise draw `window` makes, so a
+            caller that runs particles elsewhere (`ESOracle`) can hand each one its
+            hyperparameters before the losses exist; the state is not changed.
+        """
+        theta = tf.convert_to_tensor(theta, tf.float32)
+        num_pairs = int(state.episode_step.shape[0])
+        if active is None:
+            active = tf.ones([num_pairs], tf.bool)
+        active = tf.convert_to_tensor(active, tf.bool)
+        subspace = (guided_lib.subspace(state.guided, self.guided.alpha)
+                    if self.guided is not None else None)
+        state = self._advance_noise(state, active, active, seed, subspace,
+                                    int(theta.shape[-1]))
+        return theta[None, :] + _sign(num_pairs) * _twin(state.noise)
 
     # ------------------------------------------------------------------ internals
     def _draw(self, seed, draws, subspace, dim):
@@ -285,12 +320,43 @@ class Estimator:
             return eps, self.guided.beta * eps
         return eps, guided_lib.inverse_covariance(subspace, eps)
 
+    def _advance_noise(self, st, active, window_start, seed, subspace, dim):
+        """Draws new noise where this estimator's rule says so, updates ``xi``.
+
+        ``active``: pairs stepping now; ``window_start``: active pairs at the first
+        step of a window. The one place the resampling rule lives (`_run` and
+        `perturbed_theta` both use it).
+        """
+        episode_start = active & tf.equal(st.episode_step, 0)
+        if self.resample == "episode":
+            draw = episode_start
+        elif self.resample == "window":
+            draw = window_start
+        else:
+            draw = active & tf.equal(st.episode_step % self.resample, 0)
+        eps_new, score_new = tf.cond(
+            tf.reduce_any(draw),
+            lambda: self._draw(seed, st.draws, subspace, dim),
+            lambda: (st.noise, st.score))
+        drawn = draw[:, None]
+        noise = tf.where(drawn, eps_new, st.noise)
+        score = tf.where(drawn, score_new, st.score)
+        if self.accumulate:
+            base = tf.where(episode_start[:, None], 0.0, st.accumulator)
+        else:
+            base = tf.zeros_like(st.accumulator)
+        accumulator = tf.where(
+            drawn, base + score_new,
+            tf.where(episode_start[:, None], score, st.accumulator))
+        return st._replace(noise=noise, score=score, accumulator=accumulator,
+                           draws=st.draws + tf.cast(draw, tf.int32))
+
     def _run(self, system, system_state, state, theta, seed, num_steps, wait, credit):
         theta = tf.convert_to_tensor(theta, tf.float32)
         dim = int(theta.shape[-1])
         num_pairs = int(state.episode_step.shape[0])
         pair_index = tf.range(num_pairs)
-        sign = tf.tile(tf.constant([1.0, -1.0]), [num_pairs])[:, None]
+        sign = _sign(num_pairs)
         subspace = (guided_lib.subspace(state.guided, self.guided.alpha)
                     if self.guided is not None else None)
         horizon = self.horizon
@@ -304,30 +370,11 @@ class Estimator:
 
         def body(s, sys_state, st, credit_sum, diff_sum, loss_sum, loss_count, invalid, diverged):
             active = s >= wait
-            episode_start = active & tf.equal(st.episode_step, 0)
-            if self.resample == "episode":
-                draw = episode_start
-            elif self.resample == "window":
-                # Window starts; in a burn-in, every K steps after the pair wakes up.
-                draw = active & tf.equal((s - wait) % self.truncation_length, 0)
-            else:
-                draw = active & tf.equal(st.episode_step % self.resample, 0)
-            eps_new, score_new = tf.cond(
-                tf.reduce_any(draw),
-                lambda: self._draw(seed, st.draws, subspace, dim),
-                lambda: (st.noise, st.score))
-            drawn = draw[:, None]
-            noise = tf.where(drawn, eps_new, st.noise)
-            score = tf.where(drawn, score_new, st.score)
-            if self.accumulate:
-                base = tf.where(episode_start[:, None], 0.0, st.accumulator)
-            else:
-                base = tf.zeros_like(st.accumulator)
-            accumulator = tf.where(
-                drawn, base + score_new,
-                tf.where(episode_start[:, None], score, st.accumulator))
-            st = st._replace(noise=noise, score=score, accumulator=accumulator,
-                             draws=st.draws + tf.cast(draw, tf.int32))
+            # Window starts; in a burn-in, every K steps after the pair wakes up.
+            window_start = active & tf.equal((s - wait) % self.truncation_length, 0)
+            st = self._advance_noise(st, active, window_start, seed, subspace, dim)
+            accumulator = st.accumulator
+            noise = st.noise
 
             particle_theta = theta[None, :] + sign * _twin(noise)
             step_keys = _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_STEP, pair_index,
@@ -514,6 +561,11 @@ ESTIMATORS = {"full_es": full_es, "truncated_es": truncated_es, "pes": pes,
 def _twin(x: tf.Tensor) -> tf.Tensor:
     """Repeats per-pair rows for the two twins: ``[pairs, ...] -> [2 pairs, ...]``."""
     return tf.repeat(x, 2, axis=0)
+
+
+def _sign(num_pairs: int) -> tf.Tensor:
+    """``[2 pairs, 1]``: +1 for particle ``2p``, -1 for ``2p + 1``."""
+    return tf.tile(tf.constant([1.0, -1.0]), [num_pairs])[:, None]
 
 
 def _telescoped(state, f_plus, f_minus, clip):
