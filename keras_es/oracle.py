@@ -108,8 +108,11 @@ class ESOracle(keras_tuner.Oracle):
         normalize: Divide each estimate by the spread of the pairs' loss differences.
         reassign_after: Seconds after which a trial that has not reported may be handed
             to another tuner asking for work (distributed search: a worker that died
-            mid-trial). ``None`` (default) never reassigns; a tuner restarted with the
-            same ``KERASTUNER_TUNER_ID`` always gets its trial back.
+            mid-trial), and its first tuner is presumed dead. Set it well above the
+            longest trial: a live tuner whose trial is reassigned is not harmed (the first
+            report counts, the checkpoint is written atomically) but the work is done
+            twice. ``None`` (default) never reassigns; a tuner restarted with the same
+            ``KERASTUNER_TUNER_ID`` always gets its trial back (keras-tuner's behaviour).
         hyperparameters, allow_new_entries, tune_new_entries, seed,
         max_retries_per_trial, max_consecutive_failed_trials: As in
             `keras_tuner.Oracle`. Hyperparameters that first appear after the search
