@@ -113,10 +113,15 @@ class ESOracle(keras_tuner.Oracle):
             report counts, the checkpoint is written atomically) but the work is done
             twice. ``None`` (default) never reassigns; a tuner restarted with the same
             ``KERASTUNER_TUNER_ID`` always gets its trial back (keras-tuner's behaviour).
-        hyperparameters, allow_new_entries, tune_new_entries, seed,
-        max_retries_per_trial, max_consecutive_failed_trials: As in
-            `keras_tuner.Oracle`. Hyperparameters that first appear after the search
-            started are not tuned (they keep their defaults).
+        hyperparameters: Optional `keras_tuner.HyperParameters` registering the search
+            space in advance (as in `keras_tuner.Oracle`).
+        allow_new_entries: As in `keras_tuner.Oracle`.
+        tune_new_entries: As in `keras_tuner.Oracle`; hyperparameters that first appear
+            after the search started are not tuned (they keep their defaults).
+        seed: Integer seed of every perturbation, initialization and data key.
+        max_retries_per_trial: As in `keras_tuner.Oracle`; a trial out of retries
+            counts as a diverged particle.
+        max_consecutive_failed_trials: As in `keras_tuner.Oracle`.
     """
 
     def __init__(self, objective=None, max_trials: int | None = None,
@@ -778,14 +783,12 @@ class ESSearch(ESTuner):
     tuner.results_summary()
     ```
 
+    Every argument but ``hypermodel`` and ``**kwargs`` is the `ESOracle` argument of the
+    same name, with the same default.
+
     Args:
         hypermodel: A `keras_tuner.HyperModel` or a ``build(hp)`` function returning a
             compiled model.
-        objective, max_trials, estimator, num_particles, sigma, truncation_length,
-        horizon, unit, meta_objective, outer_learning_rate, outer_optimizer, stagger,
-        per_episode, clip_loss_difference, normalize, reassign_after, seed,
-        hyperparameters, tune_new_entries, allow_new_entries, max_retries_per_trial,
-        max_consecutive_failed_trials: `ESOracle` arguments.
         **kwargs: `ESTuner` / `keras_tuner.Tuner` arguments (``directory``,
             ``project_name``, ``overwrite``, ``idle_sleep``, ...).
     """
