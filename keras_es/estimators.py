@@ -469,7 +469,8 @@ class Estimator:
                 tf.reduce_sum(tf.where(both_ok, both, 0.0)),
                 tf.reduce_sum(tf.cast(both_ok, tf.float32)))
 
-        valid = ~invalid
+        # Pairs that waited the whole window (`window(active=...)`) are not counted.
+        valid = ~invalid & (wait < num_steps)
         valid_count = tf.reduce_sum(tf.cast(valid, tf.int32))
         pair_gradients = tf.where(valid[:, None], credit_sum, 0.0) / (2.0 * self.sigma ** 2)
         gradient = tf.reduce_sum(pair_gradients, 0) / tf.cast(tf.maximum(valid_count, 1),

@@ -365,3 +365,27 @@ def test_distributed_chief_and_two_workers_survive_a_killed_worker(tmp_path):
     # for the surviving worker.
     with open(chief.log) as f:
         assert f.read().count("Search: Running Trial") == 15
+
+
+# ---------------------------------------------------------------------- estimator hooks
+def test_window_with_waiting_pairs_and_perturbed_theta():
+    """The two Estimator entry points ESOracle uses: perturbed_theta() is what window()
+    applies, and pairs that wait a window are neither moved nor counted."""
+    from keras_es.systems import influence_balancing
+
+    system = influence_balancing()
+    estimator = keras_es.es_single(sigma=0.1, truncation_length=3, horizon=9, stagger=False)
+    theta = tf.constant([0.5])
+    sys_state = estimator.init_system(system, 3, 5)
+    state = estimator.init(3, 1)
+    active = tf.constant([True, False, True])
+    expected = estimator.perturbed_theta(state, theta, 5, active).numpy()
+    assert np.all(expected[2:4] == 0.5) and np.all(expected[[0, 4]] != 0.5)
+    _, after, result = estimator.window(system, sys_state, state, theta, 5, active=active)
+    assert int(result.valid_pairs) == 2
+    np.testing.assert_allclose(result.gradient.numpy(),
+                               result.pair_gradients.numpy()[[0, 2]].mean(0), rtol=1e-6)
+    assert after.episode_step.numpy().tolist() == [3, 0, 3]
+    assert after.draws.numpy().tolist() == [1, 0, 1]
+    np.testing.assert_allclose(after.noise.numpy()[[0, 2], 0],
+                               expected[[0, 4], 0] - 0.5, rtol=1e-6)
