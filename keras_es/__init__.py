@@ -29,6 +29,7 @@ from keras_es.estimators import (
     truncated_es,
 )
 from keras_es.keras_system import KerasSystem
+from keras_es.oracle import ESOracle, ESSearch, ESTuner
 from keras_es.outer import MetaTrainer
 from keras_es.transforms import Hyperparameter, SearchSpace
 from keras_es.unrolled import UnrolledSystem, select
@@ -37,7 +38,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ESCallback",
+    "ESOracle",
+    "ESSearch",
     "ESTIMATORS",
+    "ESTuner",
     "Estimator",
     "EstimatorState",
     "GuidedConfig",

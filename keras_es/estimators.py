@@ -308,7 +308,8 @@ class Estimator:
 
     def window(self, system: UnrolledSystem, system_state, state: EstimatorState,
                theta: tf.Tensor, seed, shard: distribute_lib.Shard | None = None,
-               jit_compile: bool = False):
+               jit_compile: bool = False, active: tf.Tensor | None = None,
+               credit: bool = True):
         """Runs one truncated unroll of K steps and estimates the gradient.
 
         Args:
@@ -321,18 +322,54 @@ class Estimator:
                 inside ``strategy.run``); default: all of them, on one device.
             jit_compile: Compile the particles' steps with XLA (the cross-replica
                 reduction stays outside the compiled part).
+            active: Optional bool ``[pairs]``: pairs that take part in this window
+                (default all). The others wait: their states, noise and counters do
+                not move and they are not credited (a staggered start run window by
+                window, as `ESOracle` does).
+            credit: Whether the window's losses are credited to the estimate
+                (``False`` for burn-in windows).
 
         Returns:
             ``(system_state, state, WindowResult)``.
         """
         num_pairs = state.episode_step.shape[0]
         shard = shard or distribute_lib.single(num_pairs)
+        wait = tf.zeros([num_pairs], tf.int32)
+        if active is not None:
+            wait = tf.where(tf.convert_to_tensor(active, tf.bool), 0, self.truncation_length + 1)
         system_state, state, partials = self._local(
             system, system_state, state, theta, seed, shard.first_pair,
-            self.truncation_length, tf.zeros([num_pairs], tf.int32), credit=True,
-            jit_compile=jit_compile)
+            self.truncation_length, wait, credit=credit, jit_compile=jit_compile)
         state, result = self.combine(state, partials, shard)
         return system_state, state, result
+
+    def perturbed_theta(self, state: EstimatorState, theta: tf.Tensor, seed,
+                        active: tf.Tensor | None = None) -> tf.Tensor:
+        """The particle hyperparameters the first step of the next `window` applies.
+
+        Args:
+            state: The `EstimatorState` the next window starts from.
+            theta: float32 ``[dim]``.
+            seed: int scalar, the run's seed.
+            active: Optional bool ``[pairs]``, as in `window`.
+
+        Returns:
+            float32 ``[2 pairs, dim]``: ``theta + eps_p`` for particle ``2p`` and
+            ``theta - eps_p`` for ``2p + 1``. The same noise draw `window` makes, so a
+            caller that runs particles elsewhere (`ESOracle`) can hand each one its
+            hyperparameters before the losses exist; the state is not changed.
+            Single-device pair indices (``0 .. pairs - 1``).
+        """
+        theta = tf.convert_to_tensor(theta, tf.float32)
+        num_pairs = int(state.episode_step.shape[0])
+        if active is None:
+            active = tf.ones([num_pairs], tf.bool)
+        active = tf.convert_to_tensor(active, tf.bool)
+        subspace = (guided_lib.subspace(state.guided, self.guided.alpha)
+                    if self.guided is not None else None)
+        state = self._advance_noise(state, active, active, seed, tf.range(num_pairs),
+                                    subspace, int(theta.shape[-1]))
+        return theta[None, :] + _sign(num_pairs) * _twin(state.noise)
 
     def combine(self, state: EstimatorState, partials: WindowPartials,
                 shard: distribute_lib.Shard):
@@ -403,6 +440,37 @@ class Estimator:
             return eps, self.guided.beta * eps
         return eps, guided_lib.inverse_covariance(subspace, eps)
 
+    def _advance_noise(self, st, active, window_start, seed, pair_index, subspace, dim):
+        """Draws new noise where this estimator's rule says so, updates ``xi``.
+
+        ``active``: pairs stepping now; ``window_start``: active pairs at the first
+        step of a window; ``pair_index``: their global indices. The one place the
+        resampling rule lives (`_run` and `perturbed_theta` both use it).
+        """
+        episode_start = active & tf.equal(st.episode_step, 0)
+        if self.resample == "episode":
+            draw = episode_start
+        elif self.resample == "window":
+            draw = window_start
+        else:
+            draw = active & tf.equal(st.episode_step % self.resample, 0)
+        eps_new, score_new = tf.cond(
+            tf.reduce_any(draw),
+            lambda: self._draw(seed, pair_index, st.draws, subspace, dim),
+            lambda: (st.noise, st.score))
+        drawn = draw[:, None]
+        noise = tf.where(drawn, eps_new, st.noise)
+        score = tf.where(drawn, score_new, st.score)
+        if self.accumulate:
+            base = tf.where(episode_start[:, None], 0.0, st.accumulator)
+        else:
+            base = tf.zeros_like(st.accumulator)
+        accumulator = tf.where(
+            drawn, base + score_new,
+            tf.where(episode_start[:, None], score, st.accumulator))
+        return st._replace(noise=noise, score=score, accumulator=accumulator,
+                           draws=st.draws + tf.cast(draw, tf.int32))
+
     def _local(self, system, system_state, state, theta, seed, first_pair, num_steps, wait,
                credit, jit_compile):
         """`_run`, compiled with XLA when asked (a fresh function per trace of the
@@ -424,7 +492,7 @@ class Estimator:
         dim = int(theta.shape[-1])
         num_pairs = int(state.episode_step.shape[0])
         pair_index = first_pair + tf.range(num_pairs)
-        sign = tf.tile(tf.constant([1.0, -1.0]), [num_pairs])[:, None]
+        sign = _sign(num_pairs)
         subspace = (guided_lib.subspace(state.guided, self.guided.alpha)
                     if self.guided is not None else None)
         horizon = self.horizon
@@ -438,30 +506,11 @@ class Estimator:
 
         def body(s, sys_state, st, credit_sum, diff_sum, loss_sum, loss_count, invalid, diverged):
             active = s >= wait
-            episode_start = active & tf.equal(st.episode_step, 0)
-            if self.resample == "episode":
-                draw = episode_start
-            elif self.resample == "window":
-                # Window starts; in a burn-in, every K steps after the pair wakes up.
-                draw = active & tf.equal((s - wait) % self.truncation_length, 0)
-            else:
-                draw = active & tf.equal(st.episode_step % self.resample, 0)
-            eps_new, score_new = tf.cond(
-                tf.reduce_any(draw),
-                lambda: self._draw(seed, pair_index, st.draws, subspace, dim),
-                lambda: (st.noise, st.score))
-            drawn = draw[:, None]
-            noise = tf.where(drawn, eps_new, st.noise)
-            score = tf.where(drawn, score_new, st.score)
-            if self.accumulate:
-                base = tf.where(episode_start[:, None], 0.0, st.accumulator)
-            else:
-                base = tf.zeros_like(st.accumulator)
-            accumulator = tf.where(
-                drawn, base + score_new,
-                tf.where(episode_start[:, None], score, st.accumulator))
-            st = st._replace(noise=noise, score=score, accumulator=accumulator,
-                             draws=st.draws + tf.cast(draw, tf.int32))
+            # Window starts; in a burn-in, every K steps after the pair wakes up.
+            window_start = active & tf.equal((s - wait) % self.truncation_length, 0)
+            st = self._advance_noise(st, active, window_start, seed, pair_index, subspace,
+                                     dim)
+            accumulator, noise = st.accumulator, st.noise
 
             particle_theta = theta[None, :] + sign * _twin(noise)
             step_keys = _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_STEP, pair_index,
@@ -557,7 +606,8 @@ class Estimator:
             meta_sum = tf.reduce_sum(tf.where(both_ok, both, 0.0))
             meta_count = tf.reduce_sum(tf.cast(both_ok, tf.float32))
 
-        valid = ~invalid
+        # Pairs that waited the whole window (`window(active=...)`) are not counted.
+        valid = ~invalid & (wait < num_steps)
         pair_gradients = tf.where(valid[:, None], credit_sum, 0.0) / (2.0 * self.sigma ** 2)
         partials = WindowPartials(
             pair_gradients=pair_gradients, differences=diff_sum, valid=valid,
@@ -635,6 +685,11 @@ ESTIMATORS = {"full_es": full_es, "truncated_es": truncated_es, "pes": pes,
 
 
 # ---------------------------------------------------------------------- helpers
+def _sign(num_pairs: int) -> tf.Tensor:
+    """``[2 pairs, 1]``: +1 for particle ``2p``, -1 for ``2p + 1``."""
+    return tf.tile(tf.constant([1.0, -1.0]), [num_pairs])[:, None]
+
+
 def _twin(x: tf.Tensor) -> tf.Tensor:
     """Repeats per-pair rows for the two twins: ``[pairs, ...] -> [2 pairs, ...]``."""
     return tf.repeat(x, 2, axis=0)

@@ -1,0 +1,857 @@
+"""ES-Single, PES and truncated ES as a keras-tuner search algorithm.
+
+`ESOracle` is a `keras_tuner.Oracle`; `ESTuner` is the thin `keras_tuner.Tuner` it
+needs; `ESSearch` puts the two together the way `keras_tuner.RandomSearch` does.
+
+A trial is one *particle unroll*: particle ``i`` continues its training run from its
+last checkpoint (weights, optimizer slots and iteration count) for K more steps (or
+epochs) at ``theta + eps_i`` decoded, saves a new checkpoint and reports its objective.
+When every particle of a round has reported, the oracle forms the ES estimate and
+updates ``theta``; a particle's training run (its inner problem) restarts from fresh
+weights after the horizon T. The estimate is the estimator core's (`keras_es.Estimator`,
+one window per trial): the same counter-based noise, the same ``1 / (2 sigma^2)`` pair
+convention, the same telescoping and non-finite guards.
+
+Hyperparameters map to theta through keras-tuner's own continuous relaxation
+(``HyperParameter.value_to_prob`` / ``prob_to_value``, the one Bayesian optimization
+uses), followed by a logit: ``theta = logit(prob)``.
+
+* Float: ``prob`` is linear, log or reverse-log in ``[min_value, max_value]`` as the
+  hyperparameter's ``sampling`` says; ``step`` rounds.
+* Int: ``[min_value, max_value]`` is cut into equal buckets, one per allowed value
+  (linear or log); theta moves continuously and the trial gets the bucket's integer.
+* Choice: one bucket per value, in declaration order (so order numeric choices).
+* Boolean: ``False`` below ``prob = 0.5``, ``True`` above.
+* Fixed: not part of theta; conditional hyperparameters get a coordinate each and are
+  sent only when their parents make them active.
+
+Hyperparameters that usually shape the model (Int, Choice, Boolean, or the names in
+``per_episode``) keep the value decoded at the start of a particle's inner problem until
+it restarts, so a checkpoint is never loaded into a model of another shape. With
+ES-Single the perturbation is fixed for the episode anyway. With PES a held coordinate
+responds only to the episode's first perturbation while the accumulator ``xi`` keeps
+adding later draws: those draws are independent of the loss, so they add variance to
+that coordinate's estimate but no bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+
+import keras
+import keras_tuner
+import numpy as np
+import tensorflow as tf
+from keras_tuner.engine import trial as trial_module
+
+from keras_es import checks
+from keras_es import estimators as estimators_lib
+from keras_es import noise as noise_lib
+from keras_es.transforms import Logit
+from keras_es.unrolled import UnrolledSystem
+
+_ESTIMATORS = ("es_single", "pes", "truncated_es")
+_UNITS = ("steps", "epochs")
+_META_OBJECTIVES = ("sum", "final")
+# Initial values at a range's edge (keras-tuner's default Float is its minimum) would
+# sit at theta = -inf; they start this far inside instead.
+_EDGE = 0.05
+_LOGIT = Logit()
+# Trial values ESOracle adds for the tuner; everything a worker needs travels here.
+PREFIX = "es/"
+
+
+class ESOracle(keras_tuner.Oracle):
+    """Evolution-strategies hyperparameter search: ES-Single, PES or truncated ES.
+
+    Use it where keras-tuner takes an oracle, with `ESTuner` running the trials (or
+    use `ESSearch`, which builds both).
+
+    Example:
+
+    ```python
+    oracle = keras_es.ESOracle(
+        objective="val_loss", max_trials=400, estimator="es_single",
+        num_particles=8, sigma=0.3, truncation_length=20, horizon=200)
+    tuner = keras_es.ESTuner(oracle, build_model, directory="runs", project_name="es")
+    tuner.search(x, y, validation_data=(x_val, y_val), batch_size=64)
+    best_hp = tuner.get_best_hyperparameters()[0]   # the learned mean theta, decoded
+    ```
+
+    Args:
+        objective: The metric the trials report (a name, or a
+            `keras_tuner.Objective`); ``"max"`` objectives are negated.
+        max_trials: Particle unrolls to run in total (each trains
+            ``truncation_length`` steps or epochs); ``None`` runs until stopped.
+        estimator: ``"es_single"`` (default), ``"pes"`` or ``"truncated_es"`` (biased;
+            a baseline).
+        num_particles: N, an even number: ``N / 2`` antithetic pairs. A round is N
+            trials (fewer during the staggered start).
+        sigma: Perturbation scale in theta (logit) units.
+        truncation_length: K, steps (or epochs) each trial trains.
+        horizon: T, steps (or epochs) of one inner problem; a multiple of K.
+        unit: ``"steps"`` (K optimizer steps per trial) or ``"epochs"``.
+        meta_objective: ``"sum"`` of the objective reported at the end of every trial
+            of an inner problem, or ``"final"``: its value at the end of the inner
+            problem, reached online by telescoping.
+        outer_learning_rate: Learning rate of the default outer optimizer,
+            ``keras.optimizers.Adam``.
+        outer_optimizer: Optional Keras optimizer for theta (replaces the default).
+        stagger: Spread the pairs' restarts over the horizon with uncredited burn-in
+            trials at the start, so updates do not correlate with episode phase.
+        per_episode: Names of hyperparameters held fixed within an inner problem;
+            default: every Int, Choice and Boolean.
+        clip_loss_difference: Optional bound on each pair's loss difference.
+        normalize: Divide each estimate by the spread of the pairs' loss differences.
+        reassign_after: Seconds after which a trial that has not reported may be handed
+            to another tuner asking for work (distributed search: a worker that died
+            mid-trial), and its first tuner is presumed dead. Set it well above the
+            longest trial: a live tuner whose trial is reassigned is not harmed (the first
+            report counts, the checkpoint is written atomically) but the work is done
+            twice. ``None`` (default) never reassigns; a tuner restarted with the same
+            ``KERASTUNER_TUNER_ID`` always gets its trial back (keras-tuner's behaviour).
+        hyperparameters: Optional `keras_tuner.HyperParameters` registering the search
+            space in advance (as in `keras_tuner.Oracle`).
+        allow_new_entries: As in `keras_tuner.Oracle`.
+        tune_new_entries: As in `keras_tuner.Oracle`; hyperparameters that first appear
+            after the search started are not tuned (they keep their defaults).
+        seed: Integer seed of every perturbation, initialization and data key.
+        max_retries_per_trial: As in `keras_tuner.Oracle`; a trial out of retries
+            counts as a diverged particle.
+        max_consecutive_failed_trials: As in `keras_tuner.Oracle`.
+    """
+
+    def __init__(self, objective=None, max_trials: int | None = None,
+                 estimator: str = "es_single", num_particles: int = 8, sigma: float = 0.3,
+                 truncation_length: int = 10, horizon: int = 100, unit: str = "steps",
+                 meta_objective: str = "sum", outer_learning_rate: float = 0.01,
+                 outer_optimizer: keras.optimizers.Optimizer | None = None,
+                 stagger: bool = True, per_episode: list[str] | None = None,
+                 clip_loss_difference: float | None = None, normalize: bool = False,
+                 reassign_after: float | None = None, hyperparameters=None,
+                 allow_new_entries: bool = True, tune_new_entries: bool = True,
+                 seed: int | None = None, max_retries_per_trial: int = 0,
+                 max_consecutive_failed_trials: int = 3):
+        if estimator not in _ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r} is invalid; expected one of {_ESTIMATORS}.")
+        checks.num_particles(num_particles)
+        checks.positive_float("sigma", sigma)
+        checks.positive_int("truncation_length", truncation_length)
+        checks.positive_int("horizon", horizon)
+        if horizon % truncation_length:
+            raise ValueError(f"horizon={horizon!r} is invalid; expected a multiple of "
+                             f"truncation_length={truncation_length}.")
+        if unit not in _UNITS:
+            raise ValueError(f"unit={unit!r} is invalid; expected one of {_UNITS}.")
+        if meta_objective not in _META_OBJECTIVES:
+            raise ValueError(f"meta_objective={meta_objective!r} is invalid; expected one of "
+                             f"{_META_OBJECTIVES}.")
+        checks.positive_float("outer_learning_rate", outer_learning_rate)
+        if outer_optimizer is not None and not isinstance(outer_optimizer,
+                                                          keras.optimizers.Optimizer):
+            raise ValueError(f"outer_optimizer={outer_optimizer!r} is invalid; expected a "
+                             "keras.optimizers.Optimizer or None.")
+        if max_trials is not None:
+            checks.positive_int("max_trials", max_trials)
+        if reassign_after is not None:
+            checks.positive_float("reassign_after", reassign_after)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed={seed!r} is invalid; expected an integer or None.")
+        if per_episode is not None and (isinstance(per_episode, str) or not all(
+                isinstance(n, str) for n in per_episode)):
+            raise ValueError(f"per_episode={per_episode!r} is invalid; expected a list of "
+                             "hyperparameter names or None.")
+        super().__init__(objective=objective, max_trials=max_trials,
+                         hyperparameters=hyperparameters, allow_new_entries=allow_new_entries,
+                         tune_new_entries=tune_new_entries, seed=seed,
+                         max_retries_per_trial=max_retries_per_trial,
+                         max_consecutive_failed_trials=max_consecutive_failed_trials)
+        if hasattr(self.objective, "name_to_direction"):  # a MultiObjective
+            raise ValueError(f"objective={objective!r} is invalid; ESOracle needs a single "
+                             "objective (one metric name or keras_tuner.Objective).")
+        self.estimator_name = estimator
+        self.num_particles = num_particles
+        self.sigma = float(sigma)
+        self.truncation_length = truncation_length
+        self.horizon = horizon
+        self.unit = unit
+        self.meta_objective = meta_objective
+        self.stagger = stagger
+        self.per_episode = None if per_episode is None else list(per_episode)
+        self.reassign_after = reassign_after
+        self.outer_optimizer = outer_optimizer or keras.optimizers.Adam(outer_learning_rate)
+        # The estimator core counts in trials: one window (K = 1) per trial, T / K
+        # windows per inner problem.
+        windows = horizon // truncation_length
+        factory = estimators_lib.ESTIMATORS[estimator]
+        self.estimator = factory(sigma=self.sigma, truncation_length=1, horizon=windows,
+                                 objective=meta_objective, stagger=stagger,
+                                 clip_loss_difference=clip_loss_difference, normalize=normalize)
+        self._es = None  # the search's JSON state, created by the first populate_space
+        self._theta_variable = None  # what outer_optimizer updates (value kept in _es)
+
+    # ------------------------------------------------------------------ public views
+    @property
+    def num_pairs(self) -> int:
+        return self.num_particles // 2
+
+    @property
+    def history(self) -> list[dict]:
+        """One entry per outer step: the loss, valid pairs and theta decoded after it."""
+        return list(self._es["history"]) if self._es else []
+
+    @property
+    def theta(self) -> np.ndarray | None:
+        """The current mean theta (unconstrained), or ``None`` before the search."""
+        return None if self._es is None else np.asarray(self._es["theta"], np.float32)
+
+    def mean_values(self) -> dict:
+        """The current mean theta decoded to plain Python values."""
+        if self._es is None:
+            return {}
+        return self._decode(np.asarray(self._es["theta"], np.float64))
+
+    # ------------------------------------------------------------------ keras-tuner API
+    def populate_space(self, trial_id):
+        if self._es is None:
+            self._start()
+        plan = self._es["round"]
+        for i in plan["particles"]:
+            key = str(i)
+            if key not in plan["trial_ids"]:
+                plan["trial_ids"][key] = trial_id
+                plan["assigned_at"][key] = time.time()
+                return {"status": trial_module.TrialStatus.RUNNING,
+                        "values": dict(plan["values"][key])}
+        return {"status": trial_module.TrialStatus.IDLE}
+
+    @keras_tuner.synchronized
+    def create_trial(self, tuner_id):
+        trial = self._reassign(tuner_id)
+        if trial is not None:
+            return trial
+        return super().create_trial(tuner_id)
+
+    def score_trial(self, trial):
+        super().score_trial(trial)
+        # A diverged particle is a result (its pair restarts), not a failed trial:
+        # keras-tuner would mark a NaN score INVALID and count it toward
+        # max_consecutive_failed_trials.
+        if trial.score is None or not math.isfinite(trial.score):
+            trial.score = float("inf") if self.objective.direction == "min" else float("-inf")
+
+    @keras_tuner.synchronized
+    def end_trial(self, trial):
+        if trial.trial_id in self.end_order:
+            # A reassigned trial reported twice: the first report counted.
+            for tuner_id, ongoing in list(self.ongoing_trials.items()):
+                if ongoing.trial_id == trial.trial_id:
+                    self.ongoing_trials.pop(tuner_id)
+            return
+        # Record the result in our state before keras-tuner saves oracle.json (one
+        # write for both), so a crash never keeps one without the other.
+        self._record(trial)
+        super().end_trial(trial)
+
+    def get_best_trials(self, num_trials=1):
+        """The mean-theta trial first, then the best particle trials."""
+        mean = self._mean_trial()
+        particles = self.get_best_particle_trials(num_trials)
+        if mean is None:
+            return particles
+        return [mean] + particles[: max(num_trials - 1, 0)]
+
+    def get_best_particle_trials(self, num_trials=1):
+        """The best particle unrolls by their reported objective."""
+        return super().get_best_trials(num_trials)
+
+    def get_state(self):
+        state = super().get_state()
+        state["es"] = copy.deepcopy(self._es)
+        return state
+
+    def set_state(self, state):
+        super().set_state(state)
+        self._es = state.get("es")
+        if self._es is not None:
+            self._check_config(self._es["config"])
+            self._restore_optimizer(self._es["optimizer"])
+
+    # ------------------------------------------------------------------ search state
+    def _config(self) -> dict:
+        return {"estimator": self.estimator_name, "num_particles": self.num_particles,
+                "sigma": self.sigma, "truncation_length": self.truncation_length,
+                "horizon": self.horizon, "meta_objective": self.meta_objective,
+                "stagger": self.stagger, "names": [hp.name for hp in self._tuned()]}
+
+    def _check_config(self, saved: dict) -> None:
+        current = self._config()
+        for key in ("estimator", "num_particles", "sigma", "truncation_length", "horizon",
+                    "meta_objective", "stagger"):
+            if saved[key] != current[key]:
+                raise ValueError(
+                    f"{key}={current[key]!r} does not match the saved search's "
+                    f"{key}={saved[key]!r}; resume with the same settings or overwrite=True.")
+
+    def _tuned(self):
+        """The hyperparameters theta covers, in search-space order (Fixed excluded)."""
+        hps = [hp for hp in self.hyperparameters.space
+               if not isinstance(hp, keras_tuner.engine.hyperparameters.Fixed)]
+        if self._es is not None:
+            names = self._es["config"]["names"]
+            by_name = {hp.name: hp for hp in hps}
+            return [by_name[n] for n in names if n in by_name]
+        return hps
+
+    def _start(self) -> None:
+        """Encodes the defaults into theta and plans the first round."""
+        tuned = self._tuned()
+        if not tuned:
+            raise ValueError("The search space has no tunable hyperparameter (only Fixed or "
+                             "none); ESOracle needs at least one.")
+        theta = []
+        for hp in tuned:
+            prob = float(np.clip(hp.value_to_prob(hp.default), _EDGE, 1.0 - _EDGE))
+            theta.append(float(_LOGIT.encode(np.float64(prob))))
+        dim = len(theta)
+        held = self.per_episode
+        if held is None:
+            held = [hp.name for hp in tuned if isinstance(
+                hp, (keras_tuner.engine.hyperparameters.Int,
+                     keras_tuner.engine.hyperparameters.Choice,
+                     keras_tuner.engine.hyperparameters.Boolean))]
+        unknown = sorted(set(held) - {hp.name for hp in tuned})
+        if unknown:
+            raise ValueError(f"per_episode={self.per_episode!r} names {unknown}, which are not "
+                             "tunable hyperparameters of the search space.")
+        state = self.estimator.init(self.num_pairs, dim)
+        offsets = [int(v) for v in self.estimator.start_offsets(self.num_pairs).numpy()]
+        self._es = {
+            "config": {**self._config(), "names": [hp.name for hp in tuned]},
+            "per_episode": held,
+            "theta": [float(v) for v in np.asarray(theta, np.float32)],
+            "optimizer": [],
+            "estimator": _to_json(state),
+            "last_reported": [0.0] * self.num_particles,
+            "burn_in": max(offsets),
+            "wait": [max(offsets) - o for o in offsets],
+            "round_index": 0,
+            "outer_step": 0,
+            "particles": [{"checkpoint": "", "previous": "", "held": {}}
+                          for _ in range(self.num_particles)],
+            "history": [],
+            "last_loss": None,
+            "round": None,
+        }
+        self._es["optimizer"] = _optimizer_to_json(self._optimizer())
+        self._plan_round()
+
+    def _optimizer(self):
+        """The outer optimizer, built for a theta variable holding the current theta."""
+        theta = np.asarray(self._es["theta"], np.float32)
+        if self._theta_variable is None:
+            self._theta_variable = keras.Variable(theta, name="theta")
+            self.outer_optimizer.build([self._theta_variable])
+        self._theta_variable.assign(theta)
+        return self.outer_optimizer
+
+    def _restore_optimizer(self, saved) -> None:
+        variables = self._optimizer().variables
+        if len(variables) != len(saved):
+            raise ValueError("outer_optimizer does not match the saved search's (different "
+                             "number of variables); resume with the same optimizer.")
+        for variable, value in zip(variables, saved, strict=True):
+            variable.assign(np.asarray(value, variable.dtype))
+
+    def _active_pairs(self) -> list[bool]:
+        r = self._es["round_index"]
+        if r < self._es["burn_in"]:
+            return [r >= w for w in self._es["wait"]]
+        return [True] * self.num_pairs
+
+    def _plan_round(self) -> None:
+        """Decides which particles run next and with which values (stored, not redrawn)."""
+        es = self._es
+        state = _from_json(es["estimator"], self.estimator.init(self.num_pairs,
+                                                                 len(es["theta"])))
+        active = self._active_pairs()
+        thetas = self.estimator.perturbed_theta(
+            state, tf.constant(es["theta"], tf.float32), self._seed(), tf.constant(active))
+        thetas = thetas.numpy().astype(np.float64)
+        episode = state.episode.numpy()
+        episode_step = state.episode_step.numpy()
+        steps = state.steps.numpy()
+        credited = es["round_index"] >= es["burn_in"]
+        particles, values = [], {}
+        for i in range(self.num_particles):
+            p = i // 2
+            if not active[p]:
+                continue
+            record = es["particles"][i]
+            decoded = self._decode(thetas[i])
+            if episode_step[p] == 0:
+                record["held"] = {n: decoded[n] for n in es["per_episode"] if n in decoded}
+            decoded.update({n: v for n, v in record["held"].items() if n in decoded})
+            out = (f"particle_{i:03d}/episode_{int(episode[p]):05d}_"
+                   f"window_{int(episode_step[p]) + 1:05d}.weights.h5")
+            decoded.update({
+                PREFIX + "particle": i,
+                PREFIX + "round": es["round_index"],
+                PREFIX + "outer_step": es["outer_step"],
+                PREFIX + "credited": credited,
+                PREFIX + "episode": int(episode[p]),
+                PREFIX + "window": int(episode_step[p]),
+                PREFIX + "checkpoint_in": record["checkpoint"] if episode_step[p] else "",
+                PREFIX + "checkpoint_out": out,
+                PREFIX + "checkpoint_stale": record["previous"],
+                PREFIX + "init_seed": _int_seed(self._seed(), noise_lib.STREAM_EPISODE, p,
+                                                int(episode[p])),
+                PREFIX + "data_seed": _int_seed(self._seed(), noise_lib.STREAM_STEP, p,
+                                                int(steps[p])),
+                PREFIX + "truncation_length": self.truncation_length,
+                PREFIX + "unit": self.unit,
+            })
+            particles.append(i)
+            values[str(i)] = decoded
+        es["round"] = {"particles": particles, "values": values, "trial_ids": {},
+                       "assigned_at": {}, "results": {}}
+
+    def _seed(self) -> int:
+        return int(self.seed)
+
+    def _decode(self, theta) -> dict:
+        """theta -> plain Python values of the hyperparameters active for these values."""
+        tuned = self._tuned()
+        probs = np.clip(_LOGIT.decode(np.asarray(theta, np.float64)), 0.0, 1.0 - 1e-9)
+        decoded = {hp.name: _plain(hp.prob_to_value(float(prob)))
+                   for hp, prob in zip(tuned, probs, strict=True)}
+        hps = keras_tuner.HyperParameters()
+        values = {}
+        for hp in self.hyperparameters.space:
+            hps.merge([hp])
+            if hps.is_active(hp):
+                value = decoded.get(hp.name, _plain(hp.default))
+                hps.values[hp.name] = value
+                values[hp.name] = value
+        return values
+
+    def _record(self, trial) -> None:
+        """Stores a finished particle trial's result; completes the round when all are in."""
+        es = self._es
+        if es is None:
+            return
+        plan = es["round"]
+        values = self.trials[trial.trial_id].hyperparameters.values
+        i = values.get(PREFIX + "particle")
+        if (i is None or values.get(PREFIX + "round") != es["round_index"]
+                or plan["trial_ids"].get(str(i)) != trial.trial_id
+                or str(i) in plan["results"]):
+            return
+        status = trial.status
+        if status == trial_module.TrialStatus.INVALID:
+            retries_left = (self._run_times[trial.trial_id] + 1
+                            < self.max_retries_per_trial + 1)
+            if retries_left:
+                return  # keras-tuner will run it again
+            loss = None  # out of retries: the pair is invalid this round and restarts
+        elif status == trial_module.TrialStatus.COMPLETED:
+            metrics = self.trials[trial.trial_id].metrics
+            value = metrics.get_last_value(self.objective.name) \
+                if metrics.exists(self.objective.name) else None
+            loss = None
+            if value is not None and math.isfinite(float(value)):
+                loss = float(value) if self.objective.direction == "min" else -float(value)
+        else:
+            loss = None
+        plan["results"][str(i)] = loss
+        if len(plan["results"]) == len(plan["particles"]):
+            self._finish_round()
+
+    def _finish_round(self) -> None:
+        """Runs the estimator core on the round's reported losses and updates theta."""
+        es = self._es
+        plan = es["round"]
+        dim = len(es["theta"])
+        template = self.estimator.init(self.num_pairs, dim)
+        state = _from_json(es["estimator"], template)
+        reported = np.zeros([self.num_particles], np.float32)
+        for key, loss in plan["results"].items():
+            reported[int(key)] = np.nan if loss is None else loss
+        last = np.asarray([np.nan if v is None else v for v in es["last_reported"]],
+                          np.float32)
+        system = _ReportedLosses(tf.constant(reported))
+        active = self._active_pairs()
+        credited = es["round_index"] >= es["burn_in"]
+        theta = tf.constant(es["theta"], tf.float32)
+        episode_before = state.episode.numpy()
+        _, state, result = self.estimator.window(
+            system, tf.constant(last), state, theta, self._seed(),
+            active=tf.constant(active), credit=credited)
+        # The reported values are the replayed system's state (F_j for telescoping).
+        for key in plan["results"]:
+            value = reported[int(key)]
+            es["last_reported"][int(key)] = float(value) if np.isfinite(value) else None
+        if credited:
+            self._restore_optimizer(es["optimizer"])
+            self.outer_optimizer.apply([result.gradient], [self._theta_variable])
+            updated = np.asarray(self._theta_variable.numpy(), np.float32)
+            # Same guard as MetaTrainer: a finite gradient can still overflow theta.
+            if np.all(np.isfinite(updated)):
+                es["theta"] = [float(v) for v in updated]
+            es["optimizer"] = _optimizer_to_json(self.outer_optimizer)
+            es["outer_step"] += 1
+            losses = [v for v in plan["results"].values() if v is not None]
+            mean_loss = float(np.mean(losses)) if losses else None
+            es["last_loss"] = mean_loss
+            sign = 1.0 if self.objective.direction == "min" else -1.0
+            es["history"].append({
+                "outer_step": es["outer_step"],
+                "round": es["round_index"],
+                "trials": [plan["trial_ids"][str(i)] for i in plan["particles"]],
+                self.objective.name: None if mean_loss is None else sign * mean_loss,
+                "valid_pairs": int(result.valid_pairs),
+                "diverged_pairs": int(result.diverged_pairs),
+                "gradient_norm": float(tf.norm(result.gradient)),
+                "values": self.mean_values(),
+            })
+        episode_after = state.episode.numpy()
+        for i in plan["particles"]:
+            record = es["particles"][i]
+            record["previous"] = record["checkpoint"]
+            if episode_after[i // 2] != episode_before[i // 2]:
+                # The inner problem restarts (horizon reached or a non-finite loss).
+                record["checkpoint"] = ""
+            else:
+                record["checkpoint"] = plan["values"][str(i)][PREFIX + "checkpoint_out"]
+        es["estimator"] = _to_json(state)
+        es["round_index"] += 1
+        self._plan_round()
+
+    def _reassign(self, tuner_id):
+        """Hands a trial that has not reported for ``reassign_after`` s to ``tuner_id``."""
+        if (self.reassign_after is None or self._es is None or tuner_id in self.ongoing_trials
+                or self._retry_queue):
+            return None
+        plan = self._es["round"]
+        if len(plan["trial_ids"]) < len(plan["particles"]):
+            return None  # fresh work is available
+        now = time.time()
+        for owner, trial in list(self.ongoing_trials.items()):
+            key = next((k for k, t in plan["trial_ids"].items() if t == trial.trial_id), None)
+            if key is None or key in plan["results"]:
+                continue
+            if now - plan["assigned_at"][key] < self.reassign_after:
+                continue
+            # The owner is presumed dead: keras-tuner's chief waits for every tuner id it
+            # has seen before it exits, so forget the owner too (it is re-added if it
+            # comes back and asks for work).
+            self.ongoing_trials.pop(owner)
+            self.tuner_ids.discard(owner)
+            self.tuner_ids.add(tuner_id)
+            plan["assigned_at"][key] = now
+            trial.status = trial_module.TrialStatus.RUNNING
+            self.ongoing_trials[tuner_id] = trial
+            self.save()
+            self._display.on_trial_begin(trial)
+            return trial
+        return None
+
+    def _mean_trial(self):
+        if self._es is None:
+            return None
+        hps = self.hyperparameters.copy()
+        hps.values = self.mean_values()
+        trial = trial_module.Trial(hyperparameters=hps, trial_id="mean_theta",
+                                   status=trial_module.TrialStatus.COMPLETED)
+        loss = self._es["last_loss"]
+        if loss is not None:
+            trial.score = loss if self.objective.direction == "min" else -loss
+        trial.message = (f"ES mean theta after {self._es['outer_step']} outer steps "
+                         f"({self.estimator_name}); score = mean {self.objective.name} of "
+                         "the last round's particles.")
+        return trial
+
+
+class _ReportedLosses(UnrolledSystem):
+    """The estimator core's view of a round: each particle's step is its trial.
+
+    ``step`` returns the objective each particle's trial reported, which is also the
+    state ``meta_loss`` reads (the window-end value ``F_j`` for telescoping).
+    """
+
+    def __init__(self, reported: tf.Tensor):
+        self.reported = reported
+
+    def init(self, keys):
+        return tf.zeros([keys.shape[0]], tf.float32)
+
+    def step(self, state, theta, keys):
+        return self.reported, self.reported, None
+
+    def meta_loss(self, state, keys):
+        return state
+
+
+class ESTuner(keras_tuner.Tuner):
+    """Runs `ESOracle` trials: each continues one particle's training run.
+
+    A trial restores particle ``i``'s checkpoint (weights, optimizer slots and
+    iteration count; the optimizer's learning rate comes from the trial's
+    hyperparameters, not the checkpoint), trains K steps or epochs, saves a new
+    checkpoint under ``<project>/es_checkpoints`` and reports the last epoch's logs.
+    Checkpoints are written to a new file and renamed, so a trial killed while saving
+    leaves the previous one intact and a re-run trial starts from the same weights. In
+    distributed search the project directory must be on a shared filesystem.
+
+    The hypermodel builds and compiles the model from ``hp`` as usual; the two twins of
+    a pair get the same initial weights and the same data order (common random
+    numbers) through ``keras.utils.set_random_seed``.
+
+    Args:
+        oracle: An `ESOracle`.
+        hypermodel: A `keras_tuner.HyperModel` or a ``build(hp)`` function.
+        idle_sleep: Seconds to wait after the oracle answers IDLE (round in progress
+            elsewhere), doubled on each further IDLE up to ``max_idle_sleep``.
+        max_idle_sleep: Longest wait between IDLE answers, in seconds.
+        **kwargs: `keras_tuner.Tuner` arguments (``directory``, ``project_name``,
+            ``overwrite``, ...).
+    """
+
+    def __init__(self, oracle: ESOracle, hypermodel=None, idle_sleep: float = 0.05,
+                 max_idle_sleep: float = 2.0, **kwargs):
+        if not isinstance(oracle, ESOracle):
+            raise ValueError(f"oracle={oracle!r} is invalid; expected a keras_es.ESOracle.")
+        checks.positive_float("idle_sleep", idle_sleep)
+        checks.positive_float("max_idle_sleep", max_idle_sleep)
+        self.idle_sleep = float(idle_sleep)
+        self.max_idle_sleep = float(max_idle_sleep)
+        self._asked = False
+        self._idle_streak = 0
+        super().__init__(oracle, hypermodel, **kwargs)
+
+    # keras-tuner's search loop retries at once when the oracle is IDLE; back off.
+    def pre_create_trial(self):
+        if self._asked:
+            self._idle_streak += 1
+            time.sleep(min(self.max_idle_sleep,
+                           self.idle_sleep * 2.0 ** (self._idle_streak - 1)))
+        self._asked = True
+
+    def on_trial_begin(self, trial):
+        self._asked = False
+        self._idle_streak = 0
+        super().on_trial_begin(trial)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.project_dir, "es_checkpoints")
+
+    def run_trial(self, trial, *args, **kwargs):
+        hp = trial.hyperparameters
+        es = {k[len(PREFIX):]: v for k, v in hp.values.items() if k.startswith(PREFIX)}
+        if not es:
+            raise keras_tuner.errors.FatalError(
+                "ESTuner got a trial without ESOracle's values; use it with keras_es.ESOracle.")
+        # Fresh layer names for every build; skip its gc.collect() (0.4 s a trial here).
+        keras.backend.clear_session(free_memory=False)
+        keras.utils.set_random_seed(es["init_seed"])
+        model = self.hypermodel.build(hp)
+        if not isinstance(model, keras.Model):
+            raise keras_tuner.errors.FatalTypeError(
+                f"The hypermodel returned {model!r}; expected a compiled keras.Model.")
+        if es["checkpoint_in"]:
+            self._restore(model, os.path.join(self.checkpoint_dir, es["checkpoint_in"]))
+        keras.utils.set_random_seed(es["data_seed"])
+        kwargs = dict(kwargs)
+        if es["unit"] == "steps":
+            kwargs["epochs"] = 1
+            kwargs["steps_per_epoch"] = es["truncation_length"]
+        else:
+            kwargs["epochs"] = es["truncation_length"]
+        kwargs.setdefault("verbose", 0)
+        history = self.hypermodel.fit(hp, model, *args, **kwargs)
+        logs = history.history if isinstance(history, keras.callbacks.History) else history
+        out = os.path.join(self.checkpoint_dir, es["checkpoint_out"])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        partial = out[: -len(".weights.h5")] + f".partial{os.getpid()}.weights.h5"
+        model.save_weights(partial)
+        os.replace(partial, out)
+        if es["checkpoint_stale"]:
+            stale = os.path.join(self.checkpoint_dir, es["checkpoint_stale"])
+            if os.path.exists(stale):
+                os.remove(stale)
+        if isinstance(logs, dict):
+            return {k: float(v[-1]) if isinstance(v, (list, tuple)) else float(v)
+                    for k, v in logs.items()}
+        return logs
+
+    @staticmethod
+    def _restore(model: keras.Model, path: str) -> None:
+        optimizer = model.optimizer
+        if optimizer is None:
+            raise ValueError("The hypermodel's model is not compiled; ESTuner needs an "
+                             "optimizer to carry its state between trials.")
+        optimizer.build(model.trainable_variables)
+        # The checkpoint holds the optimizer's scalars too (the learning rate): keep the
+        # trial's, restore only weights, slots and the iteration count.
+        scalars = [(v, v.numpy()) for v in optimizer.variables
+                   if len(v.shape) == 0 and "iteration" not in v.path]
+        model.load_weights(path)
+        for variable, value in scalars:
+            variable.assign(value)
+
+    def load_model(self, trial):
+        """The model of a particle trial, with the weights that trial saved."""
+        values = trial.hyperparameters.values
+        if PREFIX + "checkpoint_out" not in values:
+            raise ValueError(
+                f"Trial {trial.trial_id!r} has no trained weights: the mean theta is never "
+                "trained as such. Build it with tuner.hypermodel.build(best_hp) and fit it, "
+                "or use get_best_models(), which returns the best particle models.")
+        path = os.path.join(self.checkpoint_dir, values[PREFIX + "checkpoint_out"])
+        if not os.path.exists(path):
+            raise ValueError(
+                f"Trial {trial.trial_id!r}'s checkpoint {path} was deleted: ESTuner keeps only "
+                "each particle's latest checkpoint and the last one of every inner problem.")
+        model = self.hypermodel.build(trial.hyperparameters)
+        self._restore(model, path)
+        return model
+
+    def get_best_models(self, num_models=1):
+        """The best particle models whose checkpoints are still on disk, best first."""
+        models = []
+        for trial in self.oracle.get_best_particle_trials(len(self.oracle.trials)):
+            path = trial.hyperparameters.values.get(PREFIX + "checkpoint_out")
+            if path and os.path.exists(os.path.join(self.checkpoint_dir, path)):
+                models.append(self.load_model(trial))
+            if len(models) == num_models:
+                break
+        return models
+
+    def results_summary(self, num_trials=10):
+        """Prints the learned mean theta, the outer-step trajectory and the best trials."""
+        oracle = self.oracle
+        print("Results summary")
+        print(f"Results in {self.project_dir}")
+        print(f"{oracle.objective}")
+        if not isinstance(oracle, ESOracle) or oracle._es is None:
+            print("No outer step yet.")
+            return
+        es = oracle._es
+        print(f"ES: {oracle.estimator_name}, {oracle.num_particles} particles, "
+              f"sigma={oracle.sigma}, K={oracle.truncation_length} {oracle.unit}, "
+              f"T={oracle.horizon} {oracle.unit}, meta-objective {oracle.meta_objective}")
+        print(f"{es['outer_step']} outer steps over {es['round_index']} rounds "
+              f"({es['burn_in']} burn-in); {len(oracle.trials)} trials")
+        print()
+        print("Mean theta (get_best_hyperparameters()[0]):")
+        for name, value in oracle.mean_values().items():
+            print(f"  {name}: {_format(value)}")
+        history = oracle.history
+        if history:
+            print()
+            print(f"Trajectory (outer step: mean {oracle.objective.name} of the round):")
+            shown = history if len(history) <= 10 else history[:3] + [None] + history[-6:]
+            for entry in shown:
+                if entry is None:
+                    print("  ...")
+                    continue
+                value = entry[oracle.objective.name]
+                print(f"  {entry['outer_step']:5d}: {_format(value)}  "
+                      f"(valid pairs {entry['valid_pairs']})")
+        print()
+        print(f"Showing {num_trials} best particle trials")
+        for trial in oracle.get_best_particle_trials(num_trials):
+            print()
+            trial.summary()
+
+
+class ESSearch(ESTuner):
+    """Evolution-strategies search, used like ``keras_tuner.RandomSearch``.
+
+    Example:
+
+    ```python
+    tuner = keras_es.ESSearch(
+        build_model, objective="val_loss", max_trials=400, estimator="es_single",
+        num_particles=8, sigma=0.3, truncation_length=20, horizon=200,
+        directory="runs", project_name="es_single")
+    tuner.search(x, y, validation_data=(x_val, y_val), batch_size=64)
+    tuner.results_summary()
+    ```
+
+    Every argument but ``hypermodel`` and ``**kwargs`` is the `ESOracle` argument of the
+    same name, with the same default.
+
+    Args:
+        hypermodel: A `keras_tuner.HyperModel` or a ``build(hp)`` function returning a
+            compiled model.
+        **kwargs: `ESTuner` / `keras_tuner.Tuner` arguments (``directory``,
+            ``project_name``, ``overwrite``, ``idle_sleep``, ...).
+    """
+
+    def __init__(self, hypermodel=None, objective=None, max_trials=None,
+                 estimator="es_single", num_particles=8, sigma=0.3, truncation_length=10,
+                 horizon=100, unit="steps", meta_objective="sum", outer_learning_rate=0.01,
+                 outer_optimizer=None, stagger=True, per_episode=None,
+                 clip_loss_difference=None, normalize=False, reassign_after=None, seed=None,
+                 hyperparameters=None, tune_new_entries=True, allow_new_entries=True,
+                 max_retries_per_trial=0, max_consecutive_failed_trials=3, **kwargs):
+        oracle = ESOracle(
+            objective=objective, max_trials=max_trials, estimator=estimator,
+            num_particles=num_particles, sigma=sigma, truncation_length=truncation_length,
+            horizon=horizon, unit=unit, meta_objective=meta_objective,
+            outer_learning_rate=outer_learning_rate, outer_optimizer=outer_optimizer,
+            stagger=stagger, per_episode=per_episode,
+            clip_loss_difference=clip_loss_difference, normalize=normalize,
+            reassign_after=reassign_after, seed=seed, hyperparameters=hyperparameters,
+            tune_new_entries=tune_new_entries, allow_new_entries=allow_new_entries,
+            max_retries_per_trial=max_retries_per_trial,
+            max_consecutive_failed_trials=max_consecutive_failed_trials)
+        super().__init__(oracle, hypermodel, **kwargs)
+
+
+# ---------------------------------------------------------------------- helpers
+def _to_json(state) -> list:
+    """An `EstimatorState` as nested lists of plain numbers (exact for float32/int32)."""
+    return [np.asarray(t).tolist() for t in tf.nest.flatten(state)]
+
+
+def _from_json(saved: list, template):
+    leaves = tf.nest.flatten(template)
+    if len(saved) != len(leaves):
+        raise ValueError("The saved estimator state does not match this ESOracle's estimator.")
+    restored = [tf.constant(np.asarray(v, t.dtype.as_numpy_dtype).reshape(t.shape), t.dtype)
+                for v, t in zip(saved, leaves, strict=True)]
+    return tf.nest.pack_sequence_as(template, restored)
+
+
+def _optimizer_to_json(optimizer) -> list:
+    return [np.asarray(v.numpy()).tolist() for v in optimizer.variables]
+
+
+def _int_seed(seed: int, stream: int, pair: int, counter: int) -> int:
+    """A Python int seed for ``keras.utils.set_random_seed`` from keras_es's noise keys."""
+    key = noise_lib.pair_seeds(seed, stream, tf.constant([pair]), tf.constant([counter]))
+    a, b = (int(v) & 0xFFFF for v in key.numpy()[0])
+    return (a << 15 ^ b) % (2 ** 31 - 1)
+
+
+def _plain(value):
+    """numpy scalars -> Python bool/int/float/str (keras-tuner's gRPC needs plain values)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)

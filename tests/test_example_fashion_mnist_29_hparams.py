@@ -1,0 +1,23 @@
+"""examples/fashion_mnist_29_hparams.py runs end to end with --quick on embedded data."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+EXAMPLE = (pathlib.Path(__file__).resolve().parents[1] / "examples"
+           / "fashion_mnist_29_hparams.py")
+
+
+def test_quick_run_tunes_29_hyperparameters(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("fashion_mnist_29_hparams", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    val_loss = example.main(["--quick", "--directory", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert math.isfinite(val_loss) and val_loss < math.log(10.0)  # better than chance
+    assert "2 outer steps over 3 rounds" in out
+    mean = out.split("Mean theta")[1].split("Trajectory")[0]
+    names = [line.split(":")[0].strip() for line in mean.strip().splitlines()[1:]]
+    assert len(names) == 29 and sum(n.startswith("units_") for n in names) == 5
