@@ -36,6 +36,7 @@ that coordinate's estimate but no bias.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -680,9 +681,9 @@ class ESTuner(keras_tuner.Tuner):
         model.save_weights(partial)
         os.replace(partial, out)
         if es["checkpoint_stale"]:
-            stale = os.path.join(self.checkpoint_dir, es["checkpoint_stale"])
-            if os.path.exists(stale):
-                os.remove(stale)
+            # A reassigned trial may run twice at once: the other run may delete it first.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.checkpoint_dir, es["checkpoint_stale"]))
         if isinstance(logs, dict):
             return {k: float(v[-1]) if isinstance(v, (list, tuple)) else float(v)
                     for k, v in logs.items()}

@@ -389,3 +389,18 @@ def test_window_with_waiting_pairs_and_perturbed_theta():
     assert after.draws.numpy().tolist() == [1, 0, 1]
     np.testing.assert_allclose(after.noise.numpy()[[0, 2], 0],
                                expected[[0, 4], 0] - 0.5, rtol=1e-6)
+
+
+def test_tuner_backs_off_while_the_oracle_is_idle(tmp_path, monkeypatch):
+    slept = []
+    monkeypatch.setattr(keras_es.oracle.time, "sleep", slept.append)
+    tuner = keras_es.ESTuner(_oracle(), _Probe(), idle_sleep=0.1, max_idle_sleep=0.3,
+                             directory=str(tmp_path), project_name="p")
+    for _ in range(4):  # four create_trial calls in a row, none started a trial (IDLE)
+        tuner.pre_create_trial()
+    assert slept == [0.1, 0.2, 0.3]
+    tuner._asked = False  # what on_trial_begin does when a trial starts
+    tuner._idle_streak = 0
+    tuner.pre_create_trial()
+    tuner.pre_create_trial()
+    assert slept[3:] == [0.1]
