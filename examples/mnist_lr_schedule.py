@@ -7,11 +7,11 @@ the model for inner problems of ``--horizon`` steps, and ES-Single estimates the
 gradient of each inner problem's *final* validation loss, credited when the inner
 problem ends (``objective="final"``, ``telescope=False``).
 
-Then one compiled `keras_es.Population` run trains the MLP for the same horizon at
-every point of a grid over (log lr0, log decay), at the initial schedule and at the
-learned one, each from the same seeds (initializations and batch orders), and the
-script draws the grid's final validation loss as a heatmap with the ES trajectory on
-it.
+Then compiled `keras_es.Population` runs train the MLP for the same horizon at every
+point of a grid over (log lr0, log decay), all from the same seeds (initializations
+and batch orders), and the script draws the grid's final validation loss as a heatmap
+with the ES trajectory on it. The reported numbers come from a second run on fresh
+seeds: the best few grid points, the initial and the learned schedule.
 
 By default the data are scikit-learn's bundled 8x8 digits, served through a small
 TFDS builder (`keras_es.datasets`), so everything runs offline on the ``tfds.load``
