@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-
-EXAMPLE = (pathlib.Path(__file__).resolve().parents[1] / "examples"
-           / "fashion_mnist_29_hparams.py")
 
 
-def test_quick_run_tunes_29_hyperparameters(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("fashion_mnist_29_hparams", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+def test_quick_run_tunes_29_hyperparameters(load_example, tmp_path, capsys):
+    example = load_example("fashion_mnist_29_hparams")
     val_loss = example.main(["--quick", "--directory", str(tmp_path)])
     out = capsys.readouterr().out
     assert math.isfinite(val_loss) and val_loss < math.log(10.0)  # better than chance

@@ -3,29 +3,17 @@ leads both baselines already early in a run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import pytest
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "guided_es_quadratic.py"
 METHODS = {"guided_es", "vanilla_es", "surrogate_descent"}
 
 
 @pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("guided_es_quadratic", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve the module's string annotations through sys.modules.
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def example(load_example):
+    return load_example("guided_es_quadratic")
 
 
 def test_small_run_schema_plot_and_ordering(example, tmp_path):

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -13,15 +11,10 @@ import tensorflow_datasets as tfds
 
 from keras_es import datasets
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "mnist_lr_schedule.py"
-
 
 @pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("mnist_lr_schedule", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def example(load_example):
+    return load_example("mnist_lr_schedule")
 
 
 @pytest.fixture(scope="module")
