@@ -260,9 +260,7 @@ class Estimator:
 
     def start_offsets(self, num_pairs: int) -> tf.Tensor:
         """Steps each pair is burned in before the first window (trap 5)."""
-        if not self._staggered():
-            return tf.zeros([num_pairs], tf.int32)
-        return tf.constant([(p * self.horizon) // num_pairs for p in range(num_pairs)], tf.int32)
+        return self._offsets(tf.range(num_pairs), num_pairs)
 
     def init_system(self, system: UnrolledSystem, num_pairs: int, seed,
                     first_pair=0) -> Any:
