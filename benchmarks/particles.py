@@ -10,7 +10,9 @@ and the same TF threading settings:
   (GradientTape + ``optimizer.apply_gradients``, Keras SGD with momentum);
 * ``engine``: one ``keras_es.Population`` of N particles with per-particle SGD
   (learning rate and momentum decoded from theta), ``tf.function(train_step,
-  jit_compile=True)``, one batch shared by all particles.
+  jit_compile=population.xla_friendly)``, one batch shared by all particles. The MLPs
+  run vectorized under XLA, the CNN stacked along channels without XLA (the
+  population's ``execution="auto"`` choice).
 
 Models: ``mlp`` 784-128-128-10 at batch 128 (compute-bound), ``small_mlp`` 784-32-32-10
 at batch 32 (overhead-bound), ``cnn`` Conv(8)-Pool-Conv(16)-Pool-Dense(10) on 28x28x1 at
@@ -262,7 +264,7 @@ class LoopPool:
 
 def measure_engine(name: str, n: int, x, y, seconds: float, windows: int, seed: int) -> dict:
     pop, state, theta = population(name, n, seed)
-    step = tf.function(pop.train_step, jit_compile=True)
+    step = tf.function(pop.train_step, jit_compile=pop.xla_friendly)
     start = time.perf_counter()
     state, loss = step(state, theta, x, y)
     loss.numpy()
@@ -280,6 +282,8 @@ def measure_engine(name: str, n: int, x, y, seconds: float, windows: int, seed: 
     result["final_loss"] = float(np.mean(run_round().numpy()))
     result["compile_seconds"] = round(compile_seconds, 2)
     result["params_per_particle"] = int(sum(np.prod(v.shape) for v in pop.model.weights))
+    result["execution"] = "stacked" if pop.stacked else "vectorized"
+    result["jit_compile"] = pop.xla_friendly
     return result
 
 
@@ -309,7 +313,7 @@ def memory_probe(name: str, n: int, seed: int) -> dict:
         reset = False
     before = _proc_status_kb("VmRSS")
     pop, state, theta = population(name, n, seed)
-    step = tf.function(pop.train_step, jit_compile=True)
+    step = tf.function(pop.train_step, jit_compile=pop.xla_friendly)
     for _ in range(5):
         state, loss = step(state, theta, x, y)
     loss.numpy()
@@ -505,10 +509,11 @@ def main(argv=None) -> dict:
             "method": "Each engine case is re-run in a fresh subprocess: after importing TF "
                       "and building the data and one model, VmHWM is reset to the current "
                       "RSS (writing 5 to /proc/self/clear_refs), then the population is "
-                      "built, initialized, compiled (XLA) and run for 5 steps; peak growth "
-                      "= VmHWM after - VmRSS before, so it includes XLA compile buffers and "
-                      "step temporaries. peak_memory_mb_per_particle = growth / N "
-                      "(fixed costs spread over N); marginal_mb_per_particle = slope of the "
+                      "built, initialized, compiled (XLA where xla_friendly) and run for "
+                      "5 steps; peak growth = VmHWM after - VmRSS before, so it includes "
+                      "XLA compile buffers and step temporaries. "
+                      "peak_memory_mb_per_particle = growth / N (fixed costs spread over N); "
+                      "marginal_mb_per_particle = slope of the "
                       "growth between the two largest N. state_mb_per_particle = weights, "
                       "slots and step counters. tracemalloc and getrusage deltas miss TF's "
                       "C++ allocations or cannot be reset, hence /proc.",
@@ -536,8 +541,9 @@ def main(argv=None) -> dict:
                                      "tf.function call, graph and XLA; best of both, "
                                      "higher of start/end"},
             "engine": "keras_es.Population + engine.SGD('lr', momentum='momentum'), "
-                      "theta = encode() tiled, tf.function(train_step, jit_compile=True), "
-                      "one shared batch",
+                      "theta = encode() tiled, tf.function(train_step, "
+                      "jit_compile=population.xla_friendly), one shared batch; "
+                      "execution='auto' (MLPs vectorized + XLA, CNN stacked, no XLA)",
             "keras_loop": "model.compile(SGD(0.01, momentum=0.9)), train_on_batch(x, y) per "
                           "model (Keras's jit_compile='auto' = no XLA on CPU)",
             "tf_function_loop": "own tf.function per model (no XLA): GradientTape + "

@@ -90,7 +90,8 @@ class ESCallback(keras.callbacks.Callback):
         verbose: 0 silent, 1 one line per epoch, 2 one line per window.
         jit_compile: Compile the particles' window with XLA: ``True``, ``False``, or
             ``"auto"`` (default: when the fit has at least 500 windows, since XLA's
-            compile time of a few seconds pays off only over many windows).
+            compile time of a few seconds pays off only over many windows, and the
+            population is `keras_es.Population.xla_friendly`).
         strategy: ``tf.distribute.Strategy`` to shard the particles over; default the
             fitted model's ``distribute_strategy`` (the strategy whose ``scope()`` the
             model was built in). ``num_particles`` must be a multiple of 2 x replicas,
@@ -244,7 +245,7 @@ class ESCallback(keras.callbacks.Callback):
                 return system.hypergradient(self.trainer.system_state, theta, key)
         self.trainer = MetaTrainer(
             system, estimator, self.space, self.num_particles, optimizer=outer_optimizer,
-            seed=self.seed, surrogate=surrogate, jit_compile=self._use_xla(estimator),
+            seed=self.seed, surrogate=surrogate, jit_compile=self._use_xla(estimator, population),
             strategy=strategy)
         self._batches = 0
         self.window_history = []
@@ -255,9 +256,11 @@ class ESCallback(keras.callbacks.Callback):
             self._batches = pointer["batches"]
         self._apply(retrace=True)
 
-    def _use_xla(self, estimator) -> bool:
+    def _use_xla(self, estimator, population) -> bool:
         if self.jit_compile != "auto":
             return bool(self.jit_compile)
+        if not population.xla_friendly:
+            return False
         steps = (self.params.get("steps") or 0) * self.params.get("epochs", 1)
         return steps // estimator.truncation_length >= AUTO_JIT_MIN_WINDOWS
 

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks, initializers, schedules, vectorize
+from keras_es import checks, initializers, schedules, stacked, vectorize
 from keras_es.schedules import Schedule, Value
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import select
@@ -240,12 +240,19 @@ class Population:
             hyperparameter name}``: scalar layer variables set per particle from theta
             before every step, such as `keras_es.layers.UnitMask` widths
             (``"*width_1/units"``) and `keras_es.layers.Dropout` rates.
+        execution: How the particles run: ``"vectorized"`` (``tf.vectorized_map`` over
+            ``model.stateless_call``, any model; fastest under XLA), ``"stacked"``
+            (particles stacked along channels with grouped convolutions, see
+            `keras_es.stacked`; Sequential models of Conv2D, pooling, Flatten, Dense and
+            activations; fastest without XLA), or ``"auto"`` (default): stacked for a
+            model it supports that has a Conv2D, vectorized otherwise.
     """
 
     def __init__(self, model: keras.Model, num_particles: int, space: SearchSpace, loss,
                  optimizer: _InnerOptimizer, metrics: Mapping[str, Callable] | None = None,
                  initialize: str = "initializers",
-                 layer_hyperparameters: Mapping[str, str] | None = None):
+                 layer_hyperparameters: Mapping[str, str] | None = None,
+                 execution: str = "auto"):
         if not isinstance(model, keras.Model) or not model.built:
             raise ValueError(f"model={model!r} is invalid; expected a built keras.Model "
                              "(give it an Input or call it once).")
@@ -256,6 +263,14 @@ class Population:
         if initialize not in ("initializers", "copy"):
             raise ValueError(f"initialize={initialize!r} is invalid; expected "
                              "'initializers' or 'copy'.")
+        if execution not in ("auto", "vectorized", "stacked"):
+            raise ValueError(f"execution={execution!r} is invalid; expected 'auto', "
+                             "'vectorized' or 'stacked'.")
+        if execution == "stacked" and stacked.unsupported_reason(model):
+            raise ValueError(f"execution='stacked' is invalid for this model: "
+                             f"{stacked.unsupported_reason(model)}; use 'vectorized'.")
+        self.stacked = (execution == "stacked"
+                        or (execution == "auto" and stacked.worthwhile(model)))
         self.model, self.num_particles, self.space = model, num_particles, space
         self.loss, self.optimizer = loss, optimizer
         self.metrics = dict(metrics or {})
@@ -357,6 +372,26 @@ class Population:
             loss = loss * float(replicas)
         return loss
 
+    @property
+    def xla_friendly(self) -> bool:
+        """Whether the step runs faster compiled with XLA (``jit_compile=True``): True
+        for vectorized execution, False for stacked (XLA's grouped convolutions are
+        slow on a CPU)."""
+        return not self.stacked
+
+    @staticmethod
+    def _per_particle(fn, y, y_pred, per_particle):
+        """``[N]``: ``fn(y_true, y_pred)`` for each particle's predictions ``[N, B, ...]``."""
+        if per_particle:
+            return tf.vectorized_map(lambda a: fn(a[0], a[1]), (y, y_pred))
+        return tf.vectorized_map(lambda p: fn(y, p), y_pred)
+
+    def _stacked_loss(self, trainable, x, y, per_particle):
+        """``(y_pred [N, B, ...], loss [N])`` of the stacked forward pass."""
+        n = trainable[0].shape[0] or tf.shape(trainable[0])[0]
+        y_pred = stacked.forward(self.model, trainable, x, n, per_particle)
+        return y_pred, self._per_particle(self._loss, y, y_pred, per_particle)
+
     def train_step(self, state: PopulationState, theta: tf.Tensor, x, y):
         """One optimizer step for every particle.
 
@@ -388,9 +423,17 @@ class Population:
                     loss += tf.add_n([tf.cast(v, tf.float32) for v in losses])
             return loss, tuple(tape.gradient(loss, trainable)), tuple(non_trainable)
 
-        args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
-        with vectorize.pfor_friendly(model):
-            loss, grads, non_trainable = tf.vectorized_map(one, args)
+        if self.stacked:
+            trainable = list(state.trainable)
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                _, loss = self._stacked_loss(trainable, x, y, per_particle)
+                total = tf.reduce_sum(loss)  # particles are independent: d total / d w_n
+            grads, non_trainable = tuple(tape.gradient(total, trainable)), state.non_trainable
+        else:
+            args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
+            with vectorize.pfor_friendly(model):
+                loss, grads, non_trainable = tf.vectorized_map(one, args)
         trainable, slots = self.optimizer.apply(state.trainable, grads, state.slots, state.step,
                                                 hp, self.trainable_paths)
         return PopulationState(trainable, tuple(non_trainable), slots, state.step + 1), loss
@@ -414,6 +457,14 @@ class Population:
                 out[name] = tf.reduce_mean(tf.cast(fn(yb, y_pred), tf.float32))
             return out
 
+        if self.stacked:
+            y_pred, loss = self._stacked_loss(state.trainable, x, y, per_particle)
+            out = {"loss": loss}
+            for name, fn in self.metrics.items():
+                out[name] = self._per_particle(
+                    lambda t, p, fn=fn: tf.reduce_mean(tf.cast(fn(t, p), tf.float32)),
+                    y, y_pred, per_particle)
+            return out
         args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
         with vectorize.pfor_friendly(model):
             return tf.vectorized_map(one, args)

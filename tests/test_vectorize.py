@@ -38,7 +38,8 @@ def test_max_pool_reshape_matches_max_pool():
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _assert_population_matches_keras_sgd(model, batches, lr, jit_compile):
+def _assert_population_matches_keras_sgd(model, batches, lr, jit_compile,
+                                         execution="vectorized"):
     """Two identical particles follow ``train_on_batch`` with SGD(lr, momentum 0.9).
 
     Returns the population's template model."""
@@ -49,7 +50,8 @@ def _assert_population_matches_keras_sgd(model, batches, lr, jit_compile):
     space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", lr, "log")])
     template = model()
     population = keras_es.Population(template, 2, space, LOSS,
-                                     keras_es.engine.SGD("lr", momentum=0.9), initialize="copy")
+                                     keras_es.engine.SGD("lr", momentum=0.9), initialize="copy",
+                                     execution=execution)
     state = population.copy_state()
     step = tf.function(population.train_step, jit_compile=jit_compile)
     for x, y in batches:
@@ -61,7 +63,8 @@ def _assert_population_matches_keras_sgd(model, batches, lr, jit_compile):
     return template
 
 
-def test_cnn_population_matches_keras_and_restores_layers():
+@pytest.mark.parametrize("execution, jit_compile", [("vectorized", True), ("stacked", False)])
+def test_cnn_population_matches_keras_and_restores_layers(execution, jit_compile):
     def model():
         keras.utils.set_random_seed(0)
         return keras.Sequential([
@@ -72,7 +75,8 @@ def test_cnn_population_matches_keras_and_restores_layers():
     rng = np.random.default_rng(2)
     batches = [(rng.normal(size=(8, 8, 8, 1)).astype("float32"), rng.integers(0, 3, 8))
                for _ in range(5)]
-    template = _assert_population_matches_keras_sgd(model, batches, 0.05, jit_compile=True)
+    template = _assert_population_matches_keras_sgd(model, batches, 0.05, jit_compile,
+                                                    execution)
     # The swap lasts only while the step is traced.
     assert "convolution_op" not in vars(template.layers[0])
     assert "call" not in vars(template.layers[1])

@@ -1,0 +1,172 @@
+"""Particles stacked along channels: convolutional Sequential models without pfor.
+
+``tf.vectorized_map`` has no efficient rule for a convolution whose filter differs per
+particle: TensorFlow's converter loops over particles, and the im2col rewrite in
+`keras_es.vectorize` turns each convolution into many thin matmuls. On a CPU the fast
+form is a *grouped* convolution: particle ``n``'s channel ``c`` becomes channel
+``n * C + c`` of one tensor ``[B, H, W, N * C]`` and particle ``n``'s filter is group
+``n`` of one filter ``[kh, kw, C, N * O]``. Pooling and elementwise activations act per
+channel and so run on that tensor unchanged. Writing pfor converters for the
+convolution ops alone would not do: every convolution's output would be transposed
+back to the ``[N, B, ...]`` layout pfor requires and forth again for the next
+convolution, which costs more than the convolutions on a small network.
+
+So for a `keras.Sequential` model built only of the layers below, `forward` runs every
+particle at once, layer by layer, keeping each activation in one of three layouts:
+
+* ``shared``: ``[B, ...]``, the same for every particle (the input batch, until the
+  first layer with weights);
+* ``channels``: ``[B, H, W, N * C]``, particles stacked along channels;
+* ``leading``: ``[N, B, ...]``, particles first (per-particle batches, Dense layers).
+
+Supported: ``InputLayer``, ``Conv2D`` (channels last, ``groups=1``), ``MaxPooling2D``,
+``AveragePooling2D``, ``Flatten``, ``Dense``, ``Activation``, ``ReLU``; no
+regularizers, no non-trainable variables. Any other model runs under
+``tf.vectorized_map``. Grouped convolutions are slow under XLA on a CPU (~50x here), so
+a stacked step is meant to run as a plain ``tf.function``
+(`keras_es.Population.xla_friendly` is False).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+SHARED, CHANNELS, LEADING = "shared", "channels", "leading"
+
+# Activations that act elementwise, so they may run on particles stacked in channels.
+_ELEMENTWISE = ("linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu",
+                "swish", "sigmoid", "hard_sigmoid", "hard_silu", "tanh", "softplus",
+                "softsign", "exponential", "mish")
+_ELEMENTWISE_FNS = tuple(keras.activations.get(name) for name in _ELEMENTWISE
+                         if hasattr(keras.activations, name))
+
+
+def unsupported_reason(model: keras.Model) -> str | None:
+    """Why ``model`` cannot run stacked, or None if it can."""
+    if type(model) is not keras.Sequential:
+        return f"{type(model).__name__} is not a keras.Sequential"
+    if model.non_trainable_variables:
+        return "the model has non-trainable variables"
+    for layer in model.layers:
+        if any(getattr(layer, name, None) is not None for name in
+               ("kernel_regularizer", "bias_regularizer", "activity_regularizer")):
+            return f"layer {layer.name} has a regularizer"
+        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+            return f"layer {layer.name} uses LoRA or quantization"
+        if type(layer) in (keras.layers.Conv2D, keras.layers.MaxPooling2D,
+                           keras.layers.AveragePooling2D):
+            if layer.data_format != "channels_last":
+                return f"layer {layer.name} is not channels_last"
+            if type(layer) is keras.layers.Conv2D and layer.groups != 1:
+                return f"layer {layer.name} is a grouped convolution"
+        elif type(layer) not in (keras.layers.InputLayer, keras.layers.Flatten,
+                                 keras.layers.Dense, keras.layers.Activation,
+                                 keras.layers.ReLU):
+            return f"layer {layer.name} ({type(layer).__name__}) has no stacked form"
+    return None
+
+
+def worthwhile(model: keras.Model) -> bool:
+    """True when ``model`` can run stacked and has a convolution (the case where the
+    stacked form beats ``tf.vectorized_map``; Dense-only models are faster under XLA)."""
+    return (unsupported_reason(model) is None
+            and any(type(layer) is keras.layers.Conv2D for layer in model.layers))
+
+
+# ---------------------------------------------------------------------- layouts
+def _to_channels(x, layout):
+    if layout == CHANNELS:
+        return x
+    x = tf.transpose(x, [1, 2, 3, 0, 4])  # [N, B, H, W, C] -> [B, H, W, N, C]
+    return tf.reshape(x, tf.concat([tf.shape(x)[:3], [-1]], 0))
+
+
+def _to_leading(x, layout, n):
+    if layout == LEADING:
+        return x
+    if layout == SHARED:
+        return tf.tile(x[None], [n] + [1] * x.shape.rank)
+    shape = tf.shape(x)  # [B, H, W, N * C] -> [N, B, H, W, C]
+    x = tf.reshape(x, tf.concat([shape[:3], [n, -1]], 0))
+    return tf.transpose(x, [3, 0, 1, 2, 4])
+
+
+def _stacked_filter(kernel):
+    """``[N, kh, kw, C, O] -> [kh, kw, C, N * O]`` (group n = particle n)."""
+    shape = tf.shape(kernel)
+    kernel = tf.transpose(kernel, [1, 2, 3, 0, 4])
+    return tf.reshape(kernel, tf.concat([shape[1:4], [-1]], 0))
+
+
+def _activation(fn, x, layout, n):
+    if layout == CHANNELS and not any(fn is f for f in _ELEMENTWISE_FNS):
+        x, layout = _to_leading(x, layout, n), LEADING
+    return fn(x), layout
+
+
+def _fold(fn, x, layout):
+    """Applies a per-example op to ``[N, B, ...]`` by folding N into the batch."""
+    if layout != LEADING:
+        return fn(x)
+    shape = tf.shape(x)
+    y = fn(tf.reshape(x, tf.concat([[-1], shape[2:]], 0)))
+    return tf.reshape(y, tf.concat([shape[:2], tf.shape(y)[1:]], 0))
+
+
+# ---------------------------------------------------------------------- forward
+def forward(model: keras.Sequential, trainable, x, n: int, per_particle: bool):
+    """Every particle's output ``[N, B, ...]`` of ``model`` with ``trainable`` (the
+    model's trainable variables, each stacked ``[N, ...]``), on ``x`` shared (``[B, ...]``)
+    or per particle (``[N, B, ...]``)."""
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    weight = lambda v: trainable[index[id(v)]]  # noqa: E731
+    layout = LEADING if per_particle else SHARED
+    for layer in model.layers:
+        kind = type(layer)
+        if kind is keras.layers.InputLayer:
+            continue
+        if kind is keras.layers.Conv2D:
+            kernel = _stacked_filter(weight(layer.kernel))
+            if layout == SHARED:  # one input: an ordinary convolution with N * O filters
+                inputs = x
+            else:  # channels n * C .. n * C + C - 1 meet filter group n
+                inputs = _to_channels(x, layout)
+            x = tf.nn.conv2d(inputs, kernel, strides=layer.strides,
+                             padding=layer.padding.upper(), dilations=layer.dilation_rate)
+            if layer.use_bias:
+                x = x + tf.reshape(weight(layer.bias), [-1])
+            layout = CHANNELS
+            x, layout = _activation(layer.activation, x, layout, n)
+        elif kind in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D):
+            x = _fold(layer.call, x, layout)  # per channel: any layout but leading as is
+        elif kind is keras.layers.Flatten:
+            if layout == CHANNELS:
+                x, layout = _to_leading(x, layout, n), LEADING
+            if layout == LEADING:
+                x = tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0))
+            else:
+                x = tf.reshape(x, [tf.shape(x)[0], -1])
+        elif kind is keras.layers.Dense:
+            if layout == CHANNELS:
+                x, layout = _to_leading(x, layout, n), LEADING
+            kernel = weight(layer.kernel)  # [N, D, O]
+            rows = x if layout == LEADING else x[None]
+            flat = tf.reshape(rows, tf.stack([tf.shape(rows)[0], -1, tf.shape(rows)[-1]]))
+            y = tf.matmul(flat, kernel)  # [N or 1 (broadcast), rows, D] x [N, D, O]
+            out_shape = tf.concat([[n], tf.shape(x)[:-1] if layout == SHARED
+                                   else tf.shape(x)[1:-1], [tf.shape(kernel)[-1]]], 0)
+            x = tf.reshape(y, out_shape)
+            layout = LEADING
+            if layer.use_bias:
+                bias = weight(layer.bias)
+                x = x + tf.reshape(bias, tf.concat(
+                    [[n], tf.ones([tf.rank(x) - 2], tf.int32), [-1]], 0))
+            x, layout = _activation(layer.activation, x, layout, n)
+        elif kind is keras.layers.Activation:
+            x, layout = _activation(layer.activation, x, layout, n)
+        elif kind is keras.layers.ReLU:  # elementwise whatever its arguments
+            x = layer.call(x)
+        else:  # guarded by unsupported_reason
+            raise ValueError(f"layer {layer.name} has no stacked form.")
+    return _to_leading(x, layout, n)

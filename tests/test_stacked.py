@@ -1,0 +1,103 @@
+"""Particles stacked along channels compute what the vectorized engine computes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_es
+from keras_es import engine, stacked
+
+L = keras.layers
+N = 4
+SPACE = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log"),
+                              keras_es.Hyperparameter("momentum", 0.5, "logit")])
+LOSS = keras.losses.SparseCategoricalCrossentropy()
+
+
+def _zoo():
+    """Every stacked layer form: shared and stacked convolutions (strides, same and
+    valid padding, a non-square kernel, dilation), both poolings, a softmax over
+    channels, Flatten, Dense with and without bias, ReLU and Activation layers."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((20, 20, 3)),
+        L.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+        L.MaxPooling2D(), L.Conv2D(5, (2, 3), activation="tanh"),
+        L.AveragePooling2D(2, padding="same"), L.Conv2D(3, 1, dilation_rate=1),
+        L.Activation("softmax"), L.Conv2D(3, 2, dilation_rate=2, padding="same",
+                                          use_bias=False),
+        L.Flatten(), L.Dense(7, activation="tanh"), L.ReLU(max_value=0.5, negative_slope=0.1),
+        L.Dense(4, use_bias=False), L.Activation("softmax")])
+
+
+@pytest.fixture(scope="module")
+def populations():
+    model = _zoo()
+    metrics = {"accuracy": keras.metrics.sparse_categorical_accuracy}
+    return [keras_es.Population(model, N, SPACE, LOSS, engine.SGD("lr", momentum="momentum"),
+                                metrics=metrics, execution=e)
+            for e in ("vectorized", "stacked")]
+
+
+@pytest.mark.parametrize("per_particle", [False, True])
+def test_stacked_steps_equal_vectorized_steps(populations, per_particle):
+    rng = np.random.default_rng(1)
+    shape = (N, 6) if per_particle else (6,)
+    x = tf.constant(rng.normal(size=shape + (20, 20, 3)), tf.float32)
+    y = tf.constant(rng.integers(0, 4, shape), tf.int32)
+    keys = tf.stack([tf.range(N), tf.zeros([N], tf.int32)], axis=1)
+    theta = tf.constant(rng.normal(0, 0.3, (N, 2)) + SPACE.encode(), tf.float32)
+    results = []
+    for population in populations:
+        state, step = population.init(keys), tf.function(population.train_step)
+        for _ in range(3):
+            state, loss = step(state, theta, x, y)
+        results.append((loss, state, population.evaluate(state, x, y)))
+    (loss_v, state_v, eval_v), (loss_s, state_s, eval_s) = results
+    assert not populations[0].stacked and populations[1].stacked
+    np.testing.assert_allclose(loss_s, loss_v, rtol=1e-5)
+    for a, b in zip(tf.nest.flatten(state_s), tf.nest.flatten(state_v), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert set(eval_s) == {"loss", "accuracy"}
+    for key in eval_v:
+        np.testing.assert_allclose(eval_s[key], eval_v[key], rtol=1e-5)
+    # particles differ (their own weights and hyperparameters), so nothing was shared
+    assert len(set(np.round(loss_s.numpy(), 5))) == N
+
+
+def test_stacked_hypergradient_equals_vectorized(populations):
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(6, 20, 20, 3)), tf.float32)
+    y = tf.constant(rng.integers(0, 4, 6), tf.int32)
+    keys = tf.stack([tf.range(N), tf.zeros([N], tf.int32)], axis=1)
+    theta = tf.constant(SPACE.encode(), tf.float32)
+    grads = [p.hypergradient(p.init(keys), theta, x, y, x, y, particle=1) for p in populations]
+    assert grads[0].numpy()[0] != 0  # d/d log lr (momentum acts from the second step)
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4)
+
+
+def test_auto_execution_and_refusals():
+    def population(model, execution="auto"):
+        return keras_es.Population(model, 2, SPACE, LOSS, engine.SGD("lr"),
+                                   execution=execution)
+
+    assert population(_zoo()).stacked and not population(_zoo()).xla_friendly
+    dense = keras.Sequential([keras.Input((5,)), L.Dense(3)])
+    assert not population(dense).stacked  # no convolution: vectorized under XLA is faster
+    assert population(dense, "stacked").stacked  # but it can run stacked
+    batch_norm = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 3),
+                                   L.BatchNormalization(), L.Flatten(), L.Dense(3)])
+    assert not population(batch_norm).stacked and population(batch_norm).xla_friendly
+    with pytest.raises(ValueError, match="execution='stacked' is invalid.*non-trainable"):
+        population(batch_norm, "stacked")
+    inputs = keras.Input((6, 6, 1))
+    functional = keras.Model(inputs, L.Flatten()(L.Conv2D(2, 3)(inputs)))
+    assert stacked.unsupported_reason(functional) == "Functional is not a keras.Sequential"
+    regularized = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(
+        2, 3, kernel_regularizer="l2"), L.Flatten()])
+    assert "regularizer" in stacked.unsupported_reason(regularized)
+    with pytest.raises(ValueError, match="execution='fast' is invalid"):
+        population(dense, "fast")
