@@ -245,3 +245,21 @@ def test_a_killed_fit_resumes_the_same_theta_trajectory(tmp_path):
     # Killed during epoch 2: the rerun starts from the epoch-1 backups.
     np.testing.assert_allclose(got["es_lr"], expected["es_lr"][2:], rtol=1e-6)
     np.testing.assert_allclose(got["theta"], expected["theta"], rtol=1e-6)
+
+
+def test_auto_jit_compile_follows_window_count_and_population():
+    callback = _callback()
+    callback.params = {"steps": 16, "epochs": 1000}  # 4,000 windows of K = 4
+    estimator = keras_es.es_single(0.3, 4)
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 1e-3, "log")])
+
+    def population(model):
+        return keras_es.Population(model, 2, space, keras.losses.MeanSquaredError(),
+                                   keras_es.engine.SGD("lr"))
+
+    conv = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3),
+                             keras.layers.Flatten(), keras.layers.Dense(1)])
+    assert callback._use_xla(estimator, population(_model()))
+    assert not callback._use_xla(estimator, population(conv))  # stacked: XLA is slow
+    callback.params = {"steps": 16, "epochs": 10}  # 40 windows: compile would not pay off
+    assert not callback._use_xla(estimator, population(_model()))
