@@ -210,6 +210,58 @@ def matmul_gflops(seconds: float, size: int = 1024, chain: int = 10) -> dict:
     return out
 
 
+def mlp_floor(n: int, seconds: float, windows: int) -> dict:
+    """What the ``mlp`` engine step at N particles cannot go below: its matmuls alone
+    (forward and backward, nothing else, in the fastest layout each way: the first layer
+    as one wide matmul, the others batched) and its SGD-momentum update alone (XLA, one
+    fused pass). Both are measured as particle-steps/s; ``floor_particle_steps_per_s``
+    runs them back to back (1 / (1/a + 1/b)), an upper bound on any step that keeps the
+    weights, slots and gradients as separate tensors."""
+    b, sizes = BATCH["mlp"], (784, 128, 128, 10)
+    rng = lambda *shape: tf.random.stateless_normal(shape, seed=[len(shape), 7])  # noqa: E731
+    x, wide, g_wide = rng(b, 784), rng(784, n * 128), rng(b, n * 128)
+    h, k2, k3, g3 = rng(n, b, 128), rng(n, 128, 128), rng(n, 128, 10), rng(n, b, 10)
+
+    def matmuls(x, wide, g_wide, h, k2, k3, g3):
+        return (x @ wide, tf.matmul(x, g_wide, transpose_a=True),  # layer 1: y, dW
+                h @ k2, tf.matmul(h, h, transpose_a=True), tf.matmul(h, k2, transpose_b=True),
+                h @ k3, tf.matmul(h, g3, transpose_a=True), tf.matmul(g3, k3, transpose_b=True))
+
+    out = {"n": n}
+    for jit in (False, True):
+        f = tf.function(matmuls, jit_compile=jit)
+        args = (x, wide, g_wide, h, k2, k3, g3)
+        f(*args)[0].numpy()
+        r = timed(lambda f=f, args=args: f(*args)[0], lambda t: t.numpy(), n, seconds, windows)
+        out[f"matmuls_only_{'xla' if jit else 'graph'}"] = round(r["particle_steps_per_s"], 1)
+    shapes = [(n, a, c) for a, c in zip(sizes[:-1], sizes[1:], strict=True)]
+    shapes += [(n, c) for c in sizes[1:]]
+    weights = [rng(*s) for s in shapes]
+    lr, momentum = rng(n), rng(n)
+
+    @tf.function(jit_compile=True)
+    def update(weights, slots, grads):
+        new_w, new_m = [], []
+        for w, m, g in zip(weights, slots, grads, strict=True):
+            shape = [n] + [1] * (len(w.shape) - 1)
+            m = m * tf.reshape(momentum, shape) - g * tf.reshape(lr, shape)
+            new_w.append(w + m)
+            new_m.append(m)
+        return new_w, new_m
+
+    slots = [w * 0.5 for w in weights]
+    grads = [w * 0.1 for w in weights]
+    update(weights, slots, grads)
+    r = timed(lambda: update(weights, slots, grads)[0][0], lambda t: t.numpy(), n, seconds,
+              windows)
+    out["update_only_xla"] = round(r["particle_steps_per_s"], 1)
+    best = max(out["matmuls_only_graph"], out["matmuls_only_xla"])
+    out["floor_particle_steps_per_s"] = round(1 / (1 / best + 1 / out["update_only_xla"]), 1)
+    out["true_flops_per_particle_step"] = 2 * b * (
+        2 * 784 * 128 + 3 * 128 * 128 + 3 * 128 * 10)
+    return out
+
+
 class LoopPool:
     """Independent Keras models (plus their train steps), grown on demand and reused
     across N so that each model is traced once."""
@@ -374,6 +426,12 @@ def check_targets(result: dict) -> dict:
                 checks[key]["engine_gflops"] = engine_case["gflops"]
                 checks[key]["vs_xla_matmul_only"] = round(
                     engine_case["gflops"] / max(matmul["start"]["xla"], matmul["end"]["xla"]), 3)
+                floor = result.get("mlp_floor_n32")
+                if model == "mlp" and floor:
+                    # the best any step with separate gradient and update passes can do
+                    checks[key]["floor_fraction"] = round(
+                        floor["gflops"]["floor_particle_steps_per_s"]
+                        / result["matmul_gflops"], 3)
         out[model] = checks
     return out
 
@@ -412,6 +470,14 @@ def print_table(result: dict) -> None:
             if isinstance(check, dict):
                 print(f"  {model:<10} {key:<22} {check['value']!s:>8} "
                       f"(target >= {check['target']}) {'met' if check['met'] else 'MISSED'}")
+    floor = result.get("mlp_floor_n32")
+    if floor:
+        print(f"\nmlp at N = 32, floor (particle-steps/s): matmuls alone "
+              f"{floor['matmuls_only_graph']:.0f} graph / {floor['matmuls_only_xla']:.0f} XLA, "
+              f"update alone {floor['update_only_xla']:.0f}, both "
+              f"{floor['floor_particle_steps_per_s']:.0f} = "
+              f"{floor['gflops']['floor_particle_steps_per_s'] / result['matmul_gflops']:.0%} "
+              "of the matmul FLOP/s")
 
 
 def main(argv=None) -> dict:
@@ -499,12 +565,21 @@ def main(argv=None) -> dict:
                 case["peak_memory_mb_per_particle"] = round(p["peak_growth_mb"] / p["n"], 3)
                 case["state_mb_per_particle"] = round(p["state_mb"] / p["n"], 3)
 
+    floor = None
+    if "mlp" in args.models:
+        floor = mlp_floor(32, seconds, windows)
+        per_step = 3 * flops_check["mlp"]["count_flops_per_example"] * BATCH["mlp"]
+        floor["gflops"] = {key: round(per_step * floor[key] / 1e9, 1) for key in (
+            "matmuls_only_graph", "matmuls_only_xla", "update_only_xla",
+            "floor_particle_steps_per_s")}
+        print(f"mlp floor: {floor}", flush=True)
     matmul_end = matmul_gflops(seconds)
     print(f"matmul (end): {matmul_end}", flush=True)
     result = {
         "matmul_gflops": max(matmul_start["best"], matmul_end["best"]),
         "cases": cases,
         "ratios": ratios(cases),
+        "mlp_floor_n32": floor,
         "memory": {
             "method": "Each engine case is re-run in a fresh subprocess: after importing TF "
                       "and building the data and one model, VmHWM is reset to the current "
