@@ -245,9 +245,10 @@ class Population:
         execution: How the particles run: ``"vectorized"`` (``tf.vectorized_map`` over
             ``model.stateless_call``, any model; fastest under XLA), ``"stacked"``
             (particles stacked along channels with grouped convolutions, see
-            `keras_es.stacked`; Sequential models of Conv2D, pooling, Flatten, Dense and
-            activations; fastest without XLA), or ``"auto"`` (default): stacked for a
-            model it supports that has a Conv2D, vectorized otherwise.
+            `keras_es.stacked`; Sequential models of Conv2D, pooling, padding,
+            BatchNormalization, Flatten, Dense and activations; fastest without XLA),
+            or ``"auto"`` (default): stacked for a model it supports that has a
+            Conv2D, vectorized otherwise.
     """
 
     def __init__(self, model: keras.Model, num_particles: int, space: SearchSpace, loss,
@@ -388,11 +389,12 @@ class Population:
             return tf.vectorized_map(lambda a: fn(a[0], a[1]), (y, y_pred))
         return tf.vectorized_map(lambda p: fn(y, p), y_pred)
 
-    def _stacked_loss(self, trainable, x, y, per_particle):
-        """``(y_pred [N, B, ...], loss [N])`` of the stacked forward pass."""
+    def _stacked_loss(self, trainable, non_trainable, x, y, per_particle, training):
+        """``(y_pred [N, B, ...], loss [N], non_trainable)`` of the stacked forward pass."""
         n = trainable[0].shape[0] or tf.shape(trainable[0])[0]
-        y_pred = stacked.forward(self.model, trainable, x, n, per_particle)
-        return y_pred, self._per_particle(self._loss, y, y_pred, per_particle)
+        y_pred, non_trainable = stacked.forward(self.model, trainable, non_trainable, x, n,
+                                                per_particle, training)
+        return y_pred, self._per_particle(self._loss, y, y_pred, per_particle), non_trainable
 
     def train_step(self, state: PopulationState, theta: tf.Tensor, x, y):
         """One optimizer step for every particle.
@@ -429,9 +431,10 @@ class Population:
             trainable = list(state.trainable)
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
-                _, loss = self._stacked_loss(trainable, x, y, per_particle)
+                _, loss, non_trainable = self._stacked_loss(
+                    trainable, state.non_trainable, x, y, per_particle, training=True)
                 total = tf.reduce_sum(loss)  # particles are independent: d total / d w_n
-            grads, non_trainable = tuple(tape.gradient(total, trainable)), state.non_trainable
+            grads = tuple(tape.gradient(total, trainable))
         else:
             args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
             with vectorize.pfor_friendly(model):
@@ -460,7 +463,8 @@ class Population:
             return out
 
         if self.stacked:
-            y_pred, loss = self._stacked_loss(state.trainable, x, y, per_particle)
+            y_pred, loss, _ = self._stacked_loss(state.trainable, state.non_trainable, x, y,
+                                                 per_particle, training=False)
             out = {"loss": loss}
             for name, fn in self.metrics.items():
                 out[name] = self._per_particle(

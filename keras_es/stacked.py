@@ -20,8 +20,11 @@ particle at once, layer by layer, keeping each activation in one of three layout
 * ``leading``: ``[N, B, ...]``, particles first (per-particle batches, Dense layers).
 
 Supported: ``InputLayer``, ``Conv2D`` (channels last, ``groups=1``), ``MaxPooling2D``,
-``AveragePooling2D``, ``Flatten``, ``Dense``, ``Activation``, ``ReLU``; no
-regularizers, no non-trainable variables. Any other model runs under
+``AveragePooling2D``, ``ZeroPadding2D``, ``GlobalAveragePooling2D``,
+``GlobalMaxPooling2D``, ``BatchNormalization`` (last axis, trainable, no renorm or
+synchronization; per-particle moving statistics, Keras's equations), ``Flatten``,
+``Dense``, ``Activation``, ``ReLU``; no regularizers. Any other model (Dropout, whose
+masks come from per-particle seed generators, included) runs under
 ``tf.vectorized_map``. Grouped convolutions are slow under XLA on a CPU (~50x here), so
 a stacked step is meant to run as a plain ``tf.function``
 (`keras_es.Population.xla_friendly` is False).
@@ -42,28 +45,37 @@ _ELEMENTWISE_FNS = tuple(keras.activations.get(name) for name in _ELEMENTWISE
                          if hasattr(keras.activations, name))
 
 
+_PER_CHANNEL = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+                keras.layers.ZeroPadding2D)
+_GLOBAL_POOLING = {keras.layers.GlobalAveragePooling2D: tf.reduce_mean,
+                   keras.layers.GlobalMaxPooling2D: tf.reduce_max}
+_STACKABLE = (keras.layers.InputLayer, keras.layers.Conv2D, keras.layers.Flatten,
+              keras.layers.Dense, keras.layers.Activation, keras.layers.ReLU,
+              keras.layers.BatchNormalization) + _PER_CHANNEL + tuple(_GLOBAL_POOLING)
+
+
 def unsupported_reason(model: keras.Model) -> str | None:
     """Why ``model`` cannot run stacked, or None if it can."""
     if type(model) is not keras.Sequential:
         return f"{type(model).__name__} is not a keras.Sequential"
-    if model.non_trainable_variables:
-        return "the model has non-trainable variables"
     for layer in model.layers:
+        if type(layer) not in _STACKABLE:
+            return f"layer {layer.name} ({type(layer).__name__}) has no stacked form"
+        if not layer.trainable and layer.weights:
+            return f"layer {layer.name} is frozen (trainable=False)"
         if any(getattr(layer, name, None) is not None for name in
                ("kernel_regularizer", "bias_regularizer", "activity_regularizer")):
             return f"layer {layer.name} has a regularizer"
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
             return f"layer {layer.name} uses LoRA or quantization"
-        if type(layer) in (keras.layers.Conv2D, keras.layers.MaxPooling2D,
-                           keras.layers.AveragePooling2D):
-            if layer.data_format != "channels_last":
-                return f"layer {layer.name} is not channels_last"
-            if type(layer) is keras.layers.Conv2D and layer.groups != 1:
-                return f"layer {layer.name} is a grouped convolution"
-        elif type(layer) not in (keras.layers.InputLayer, keras.layers.Flatten,
-                                 keras.layers.Dense, keras.layers.Activation,
-                                 keras.layers.ReLU):
-            return f"layer {layer.name} ({type(layer).__name__}) has no stacked form"
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return f"layer {layer.name} is not channels_last"
+        if type(layer) is keras.layers.Conv2D and layer.groups != 1:
+            return f"layer {layer.name} is a grouped convolution"
+        if type(layer) is keras.layers.BatchNormalization and (
+                layer.axis not in (-1, layer.input_spec.ndim - 1) or layer.renorm
+                or layer.synchronized):
+            return f"layer {layer.name} normalizes another axis, renormalizes or synchronizes"
     return None
 
 
@@ -115,12 +127,50 @@ def _fold(fn, x, layout):
 
 
 # ---------------------------------------------------------------------- forward
-def forward(model: keras.Sequential, trainable, x, n: int, per_particle: bool):
-    """Every particle's output ``[N, B, ...]`` of ``model`` with ``trainable`` (the
-    model's trainable variables, each stacked ``[N, ...]``), on ``x`` shared (``[B, ...]``)
-    or per particle (``[N, B, ...]``)."""
+def _stacked_vector(t, layout, rank):
+    """A per-particle, per-channel ``[N, C]`` tensor broadcastable against an activation
+    of ``rank`` in ``layout``."""
+    if layout == CHANNELS:
+        return tf.reshape(t, [-1])
+    return tf.reshape(t, tf.concat([tf.shape(t)[:1], tf.ones([rank - 2], tf.int32),
+                                    tf.shape(t)[1:]], 0))
+
+
+def _batch_normalization(layer, x, layout, n, training, weight, stats):
+    """Keras's BatchNormalization (last axis) for every particle; ``stats`` maps the
+    moving mean/variance variables to their stacked values and receives the updates."""
+    if layout == SHARED:
+        x, layout = _to_leading(x, layout, n), LEADING
+    rank = x.shape.rank
+    axes = list(range(rank - 1)) if layout == CHANNELS else list(range(1, rank - 1))
+    mean_var, var_var = layer.moving_mean, layer.moving_variance
+    if training:
+        mean, variance = tf.nn.moments(x, axes)  # [N * C] or [N, C]
+        mean, variance = (tf.reshape(mean, [n, -1]), tf.reshape(variance, [n, -1]))
+        stats[id(mean_var)] = stats[id(mean_var)] * layer.momentum + mean * (
+            1.0 - layer.momentum)
+        stats[id(var_var)] = stats[id(var_var)] * layer.momentum + variance * (
+            1.0 - layer.momentum)
+    else:
+        mean, variance = stats[id(mean_var)], stats[id(var_var)]
+    vector = lambda t: _stacked_vector(t, layout, rank)  # noqa: E731
+    x = tf.nn.batch_normalization(
+        x, vector(mean), vector(variance),
+        vector(weight(layer.beta)) if layer.center else None,
+        vector(weight(layer.gamma)) if layer.scale else None, layer.epsilon)
+    return x, layout
+
+
+def forward(model: keras.Sequential, trainable, non_trainable, x, n: int,
+            per_particle: bool, training: bool):
+    """Every particle's output ``[N, B, ...]`` of ``model`` and its new non-trainable
+    values (BatchNormalization statistics), with ``trainable`` and ``non_trainable``
+    (the model's variables, each stacked ``[N, ...]``), on ``x`` shared (``[B, ...]``) or
+    per particle (``[N, B, ...]``)."""
     index = {id(v): i for i, v in enumerate(model.trainable_variables)}
     weight = lambda v: trainable[index[id(v)]]  # noqa: E731
+    stats = {id(v): t for v, t in zip(model.non_trainable_variables, non_trainable,
+                                      strict=True)}
     layout = LEADING if per_particle else SHARED
     for layer in model.layers:
         kind = type(layer)
@@ -138,8 +188,18 @@ def forward(model: keras.Sequential, trainable, x, n: int, per_particle: bool):
                 x = x + tf.reshape(weight(layer.bias), [-1])
             layout = CHANNELS
             x, layout = _activation(layer.activation, x, layout, n)
-        elif kind in (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D):
+        elif kind in _PER_CHANNEL:
             x = _fold(layer.call, x, layout)  # per channel: any layout but leading as is
+        elif kind in _GLOBAL_POOLING:
+            axes = [-3, -2]
+            x = _GLOBAL_POOLING[kind](x, axis=axes, keepdims=layer.keepdims)
+            if layout == CHANNELS:  # [B, (1, 1,) N * C]: particles to the front
+                x = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [n, -1]], 0))
+                x = tf.transpose(x, [x.shape.rank - 2] + list(range(x.shape.rank - 2))
+                                 + [x.shape.rank - 1])
+                layout = LEADING
+        elif kind is keras.layers.BatchNormalization:
+            x, layout = _batch_normalization(layer, x, layout, n, training, weight, stats)
         elif kind is keras.layers.Flatten:
             if layout == CHANNELS:
                 x, layout = _to_leading(x, layout, n), LEADING
@@ -169,4 +229,5 @@ def forward(model: keras.Sequential, trainable, x, n: int, per_particle: bool):
             x = layer.call(x)
         else:  # guarded by unsupported_reason
             raise ValueError(f"layer {layer.name} has no stacked form.")
-    return _to_leading(x, layout, n)
+    new_stats = tuple(stats[id(v)] for v in model.non_trainable_variables)
+    return _to_leading(x, layout, n), new_stats

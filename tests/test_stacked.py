@@ -17,25 +17,32 @@ SPACE = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log"),
 LOSS = keras.losses.SparseCategoricalCrossentropy()
 
 
-def _zoo():
+def _zoo(head="flatten"):
     """Every stacked layer form: shared and stacked convolutions (strides, same and
-    valid padding, a non-square kernel, dilation), both poolings, a softmax over
-    channels, Flatten, Dense with and without bias, ReLU and Activation layers."""
+    valid padding, a non-square kernel, dilation), both poolings, zero padding, batch
+    normalization over channels and over Dense units, a softmax over channels, Flatten
+    or global pooling, Dense with and without bias, ReLU and Activation layers."""
     keras.utils.set_random_seed(0)
+    if head == "flatten":
+        top = [L.Flatten(), L.Dense(7, activation="tanh"), L.BatchNormalization(center=False)]
+    else:
+        top = [L.GlobalAveragePooling2D(keepdims=True), L.Dense(7, activation="tanh"),
+               L.GlobalMaxPooling2D(), L.BatchNormalization(momentum=0.5, scale=False)]
     return keras.Sequential([
         keras.Input((20, 20, 3)),
         L.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+        L.BatchNormalization(), L.ZeroPadding2D(((1, 0), (0, 2))),
         L.MaxPooling2D(), L.Conv2D(5, (2, 3), activation="tanh"),
         L.AveragePooling2D(2, padding="same"), L.Conv2D(3, 1, dilation_rate=1),
         L.Activation("softmax"), L.Conv2D(3, 2, dilation_rate=2, padding="same",
                                           use_bias=False),
-        L.Flatten(), L.Dense(7, activation="tanh"), L.ReLU(max_value=0.5, negative_slope=0.1),
+        *top, L.ReLU(max_value=0.5, negative_slope=0.1),
         L.Dense(4, use_bias=False), L.Activation("softmax")])
 
 
-@pytest.fixture(scope="module")
-def populations():
-    model = _zoo()
+@pytest.fixture(scope="module", params=["flatten", "global_pooling"])
+def populations(request):
+    model = _zoo(request.param)
     metrics = {"accuracy": keras.metrics.sparse_categorical_accuracy}
     return [keras_es.Population(model, N, SPACE, LOSS, engine.SGD("lr", momentum="momentum"),
                                 metrics=metrics, execution=e)
@@ -88,11 +95,15 @@ def test_auto_execution_and_refusals():
     dense = keras.Sequential([keras.Input((5,)), L.Dense(3)])
     assert not population(dense).stacked  # no convolution: vectorized under XLA is faster
     assert population(dense, "stacked").stacked  # but it can run stacked
-    batch_norm = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 3),
-                                   L.BatchNormalization(), L.Flatten(), L.Dense(3)])
-    assert not population(batch_norm).stacked and population(batch_norm).xla_friendly
-    with pytest.raises(ValueError, match="execution='stacked' is invalid.*non-trainable"):
-        population(batch_norm, "stacked")
+    dropout = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 3),
+                                L.Dropout(0.5), L.Flatten(), L.Dense(3)])
+    assert not population(dropout).stacked and population(dropout).xla_friendly
+    with pytest.raises(ValueError, match="execution='stacked' is invalid.*Dropout"):
+        population(dropout, "stacked")
+    frozen = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 3),
+                               L.BatchNormalization(), L.Flatten(), L.Dense(3)])
+    frozen.layers[1].trainable = False
+    assert "frozen" in stacked.unsupported_reason(frozen)
     inputs = keras.Input((6, 6, 1))
     functional = keras.Model(inputs, L.Flatten()(L.Conv2D(2, 3)(inputs)))
     assert stacked.unsupported_reason(functional) == "Functional is not a keras.Sequential"
