@@ -73,6 +73,35 @@ def keras_trainer(strategy, jit_compile=False, hidden=8):
                                 strategy=strategy, jit_compile=jit_compile)
 
 
+def cnn_trainer(strategy):
+    """A convolutional model with BatchNormalization: the stacked engine (grouped
+    convolutions, per-particle moving statistics) inside each replica."""
+    import keras
+
+    import keras_es
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(64, 6, 6, 1)).astype(np.float32)
+    y = (x[:, :3, :3, 0].sum((1, 2)) > 0).astype(np.int32)
+    keras.utils.set_random_seed(0)
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log")])
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(3, 3),
+                                  keras.layers.BatchNormalization(),
+                                  keras.layers.Activation("relu"), keras.layers.Flatten(),
+                                  keras.layers.Dense(2)])
+        population = keras_es.Population(
+            model, 8, space, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            keras_es.engine.SGD("lr", momentum=0.5))
+        assert population.stacked
+        system = keras_es.KerasSystem(population, (x[:48], y[:48]), (x[48:], y[48:]),
+                                      batch_size=8, step_loss="meta")
+        optimizer = keras.optimizers.Adam(0.1)
+    return keras_es.MetaTrainer(system, keras_es.es_single(0.1, 2, horizon=6), space,
+                                num_particles=8, optimizer=optimizer, seed=4,
+                                strategy=strategy)
+
+
 def poisoned_trainer(strategy):
     """Particles whose perturbed theta[0] passes a threshold get an Inf loss and a NaN
     state: which ones depends only on their noise, so on the same particles whatever
@@ -118,7 +147,7 @@ def guided_trainer(strategy):
 
 
 BUILDERS = {"oracle": oracle_trainer, "keras": keras_trainer, "poisoned": poisoned_trainer,
-            "guided": guided_trainer}
+            "guided": guided_trainer, "cnn": cnn_trainer}
 
 
 def callback_run(strategy):

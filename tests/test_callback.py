@@ -263,3 +263,23 @@ def test_auto_jit_compile_follows_window_count_and_population():
     assert not callback._use_xla(estimator, population(conv))  # stacked: XLA is slow
     callback.params = {"steps": 16, "epochs": 10}  # 40 windows: compile would not pay off
     assert not callback._use_xla(estimator, population(_model()))
+
+
+def test_fit_of_a_convolutional_model_tunes_with_stacked_particles():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(256, 6, 6, 1)).astype("float32")
+    y = (x[:, :3, :3, 0].sum((1, 2)) > 0).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.Activation("relu"), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = _callback(train_data=(x[:192], y[:192]), meta_data=(x[192:], y[192:]))
+    history = model.fit(x[:192], y[:192], batch_size=32, epochs=2, shuffle=False,
+                        verbose=0, callbacks=[callback])
+    assert callback.trainer.system.population.stacked
+    assert not callback.trainer.jit_compile  # auto: stacked steps run without XLA
+    assert history.history["es_lr"][-1] > 1e-3  # a far too small lr is raised
+    assert np.all(np.isfinite(callback.trainer.theta_value))

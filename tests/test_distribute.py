@@ -73,7 +73,7 @@ def _assert_same(got, expected):
 
 
 @pytest.mark.parametrize("devices", [2, 4])
-@pytest.mark.parametrize("system", ["oracle", "keras", "guided"])
+@pytest.mark.parametrize("system", ["oracle", "keras", "guided", "cnn"])
 def test_mirrored_matches_one_device(mirrored_runs, devices, system):
     runs = mirrored_runs[devices]
     _assert_same(runs[f"{system}/{devices}"], runs[f"{system}/1"])
