@@ -246,7 +246,8 @@ class Population:
             ``model.stateless_call``, any model; fastest under XLA), ``"stacked"``
             (particles stacked along channels with grouped convolutions, see
             `keras_es.stacked`; Sequential models of Conv2D, pooling, padding,
-            BatchNormalization, Flatten, Dense and activations; fastest without XLA),
+            BatchNormalization, Dropout, Flatten, Dense and activations; fastest
+            without XLA),
             or ``"auto"`` (default): stacked for a model it supports that has a
             Conv2D, vectorized otherwise.
     """

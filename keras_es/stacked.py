@@ -22,11 +22,12 @@ particle at once, layer by layer, keeping each activation in one of three layout
 Supported: ``InputLayer``, ``Conv2D`` (channels last, ``groups=1``), ``MaxPooling2D``,
 ``AveragePooling2D``, ``ZeroPadding2D``, ``GlobalAveragePooling2D``,
 ``GlobalMaxPooling2D``, ``BatchNormalization`` (last axis, trainable, no renorm or
-synchronization; per-particle moving statistics, Keras's equations), ``Flatten``,
-``Dense``, ``Activation``, ``ReLU``; no regularizers. Any other model (Dropout, whose
-masks come from per-particle seed generators, included) runs under
-``tf.vectorized_map``. Grouped convolutions are slow under XLA on a CPU (~50x here), so
-a stacked step is meant to run as a plain ``tf.function``
+synchronization; per-particle moving statistics, Keras's equations), ``Dropout`` and
+`keras_es.layers.Dropout` (each particle's mask drawn by the layer itself from that
+particle's seed state, so twins share masks and the numbers equal the vectorized
+engine's), ``Flatten``, ``Dense``, ``Activation``, ``ReLU``; no regularizers. Any other
+model runs under ``tf.vectorized_map``. Grouped convolutions are slow under XLA on a
+CPU (~50x here), so a stacked step is meant to run as a plain ``tf.function``
 (`keras_es.Population.xla_friendly` is False).
 """
 
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from keras_es import layers as es_layers
 
 SHARED, CHANNELS, LEADING = "shared", "channels", "leading"
 
@@ -49,9 +52,10 @@ _PER_CHANNEL = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
                 keras.layers.ZeroPadding2D)
 _GLOBAL_POOLING = {keras.layers.GlobalAveragePooling2D: tf.reduce_mean,
                    keras.layers.GlobalMaxPooling2D: tf.reduce_max}
+_DROPOUT = (keras.layers.Dropout, es_layers.Dropout)
 _STACKABLE = (keras.layers.InputLayer, keras.layers.Conv2D, keras.layers.Flatten,
               keras.layers.Dense, keras.layers.Activation, keras.layers.ReLU,
-              keras.layers.BatchNormalization) + _PER_CHANNEL + tuple(_GLOBAL_POOLING)
+              keras.layers.BatchNormalization, *_PER_CHANNEL, *_GLOBAL_POOLING, *_DROPOUT)
 
 
 def unsupported_reason(model: keras.Model) -> str | None:
@@ -161,6 +165,25 @@ def _batch_normalization(layer, x, layout, n, training, weight, stats):
     return x, layout
 
 
+def _dropout(layer, x, layout, n, stats):
+    """Each particle's mask from the layer's own ``call`` on ones, with that particle's
+    seed state (and rate), then one multiplication: ``x * dropout(1) == dropout(x)``."""
+    if layout == SHARED:
+        x, layout = _to_leading(x, layout, n), LEADING
+    shape = tf.shape(x)
+    ones = tf.ones(shape[1:] if layout == LEADING
+                   else tf.concat([shape[:-1], [shape[-1] // n]], 0), x.dtype)
+    variables = layer.non_trainable_variables
+
+    def one(values):
+        mask, new = layer.stateless_call([], list(values), ones, training=True)
+        return mask, tuple(new)
+
+    mask, new = tf.vectorized_map(one, tuple(stats[id(v)] for v in variables))
+    stats.update({id(v): t for v, t in zip(variables, new, strict=True)})
+    return x * (mask if layout == LEADING else _to_channels(mask, LEADING)), layout
+
+
 def forward(model: keras.Sequential, trainable, non_trainable, x, n: int,
             per_particle: bool, training: bool):
     """Every particle's output ``[N, B, ...]`` of ``model`` and its new non-trainable
@@ -200,6 +223,9 @@ def forward(model: keras.Sequential, trainable, non_trainable, x, n: int,
                 layout = LEADING
         elif kind is keras.layers.BatchNormalization:
             x, layout = _batch_normalization(layer, x, layout, n, training, weight, stats)
+        elif kind in _DROPOUT:
+            if training:
+                x, layout = _dropout(layer, x, layout, n, stats)
         elif kind is keras.layers.Flatten:
             if layout == CHANNELS:
                 x, layout = _to_leading(x, layout, n), LEADING
