@@ -11,7 +11,9 @@ convolution ops alone would not do: every convolution's output would be transpos
 back to the ``[N, B, ...]`` layout pfor requires and forth again for the next
 convolution, which costs more than the convolutions on a small network.
 
-So for a `keras.Sequential` model built only of the layers below, `forward` runs every
+So for a `keras.Sequential` model, or a functional model whose layers form one chain
+(one input, one output, each layer called once on the previous one's output), built
+only of the layers below, `forward` runs every
 particle at once, layer by layer, keeping each activation in one of three layouts:
 
 * ``shared``: ``[B, ...]``, the same for every particle (the input batch, until the
@@ -58,11 +60,36 @@ _STACKABLE = (keras.layers.InputLayer, keras.layers.Conv2D, keras.layers.Flatten
               keras.layers.BatchNormalization, *_PER_CHANNEL, *_GLOBAL_POOLING, *_DROPOUT)
 
 
+def layer_chain(model: keras.Model) -> list | None:
+    """``model``'s layers in call order if it is a Sequential model or a functional one
+    whose layers form a single chain; None otherwise."""
+    if type(model) is keras.Sequential:
+        return list(model.layers)
+    # keras.Model(inputs, outputs) builds a Functional (not exported by Keras);
+    # subclassed models have their own call() and are never a plain chain.
+    if (type(model).__name__ != "Functional" or len(model.inputs) != 1
+            or len(model.outputs) != 1):
+        return None
+    tensor, chain = model.inputs[0], []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        nodes = layer._inbound_nodes  # Keras keeps no public per-call record
+        if len(nodes) != 1 or len(nodes[0].input_tensors) != 1 \
+                or nodes[0].input_tensors[0] is not tensor:
+            return None
+        tensor = nodes[0].output_tensors[0]
+        chain.append(layer)
+    return chain if tensor is model.outputs[0] else None
+
+
 def unsupported_reason(model: keras.Model) -> str | None:
     """Why ``model`` cannot run stacked, or None if it can."""
-    if type(model) is not keras.Sequential:
-        return f"{type(model).__name__} is not a keras.Sequential"
-    for layer in model.layers:
+    layers = layer_chain(model)
+    if layers is None:
+        return (f"{type(model).__name__} is neither a keras.Sequential nor a functional "
+                "model whose layers form one chain")
+    for layer in layers:
         if type(layer) not in _STACKABLE:
             return f"layer {layer.name} ({type(layer).__name__}) has no stacked form"
         if not layer.trainable and layer.weights:
@@ -87,7 +114,7 @@ def worthwhile(model: keras.Model) -> bool:
     """True when ``model`` can run stacked and has a convolution (the case where the
     stacked form beats ``tf.vectorized_map``; Dense-only models are faster under XLA)."""
     return (unsupported_reason(model) is None
-            and any(type(layer) is keras.layers.Conv2D for layer in model.layers))
+            and any(type(layer) is keras.layers.Conv2D for layer in layer_chain(model)))
 
 
 # ---------------------------------------------------------------------- layouts
@@ -184,7 +211,7 @@ def _dropout(layer, x, layout, n, stats):
     return x * (mask if layout == LEADING else _to_channels(mask, LEADING)), layout
 
 
-def forward(model: keras.Sequential, trainable, non_trainable, x, n: int,
+def forward(model: keras.Model, trainable, non_trainable, x, n: int,
             per_particle: bool, training: bool):
     """Every particle's output ``[N, B, ...]`` of ``model`` and its new non-trainable
     values (BatchNormalization statistics), with ``trainable`` and ``non_trainable``
@@ -195,7 +222,7 @@ def forward(model: keras.Sequential, trainable, non_trainable, x, n: int,
     stats = {id(v): t for v, t in zip(model.non_trainable_variables, non_trainable,
                                       strict=True)}
     layout = LEADING if per_particle else SHARED
-    for layer in model.layers:
+    for layer in layer_chain(model):
         kind = type(layer)
         if kind is keras.layers.InputLayer:
             continue

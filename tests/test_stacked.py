@@ -17,7 +17,7 @@ SPACE = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.1, "log"),
 LOSS = keras.losses.SparseCategoricalCrossentropy()
 
 
-def _zoo(head="flatten"):
+def _zoo(head="flatten", functional=False):
     """Every stacked layer form: shared and stacked convolutions (strides, same and
     valid padding, a non-square kernel, dilation), both poolings, zero padding, batch
     normalization over channels and over Dense units, a softmax over channels, Flatten
@@ -30,7 +30,7 @@ def _zoo(head="flatten"):
         top = [L.GlobalAveragePooling2D(keepdims=True), L.Dense(7, activation="tanh"),
                L.GlobalMaxPooling2D(), L.BatchNormalization(momentum=0.5, scale=False),
                keras_es.layers.Dropout(0.2, name="drop")]
-    return keras.Sequential([
+    layers = [
         keras.Input((20, 20, 3)),
         L.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
         L.BatchNormalization(), L.Dropout(0.25, noise_shape=(None, 1, 1, 4)),
@@ -40,12 +40,19 @@ def _zoo(head="flatten"):
         L.Activation("softmax"), L.Conv2D(3, 2, dilation_rate=2, padding="same",
                                           use_bias=False),
         *top, L.ReLU(max_value=0.5, negative_slope=0.1),
-        L.Dense(4, use_bias=False), L.Activation("softmax")])
+        L.Dense(4, use_bias=False), L.Activation("softmax")]
+    if not functional:
+        return keras.Sequential(layers)
+    inputs = x = layers[0]
+    for layer in layers[1:]:
+        x = layer(x)
+    return keras.Model(inputs, x)
 
 
-@pytest.fixture(scope="module", params=["flatten", "global_pooling"])
+@pytest.fixture(scope="module", params=["flatten", "global_pooling", "functional"])
 def populations(request):
-    model = _zoo(request.param)
+    model = (_zoo("flatten", functional=True) if request.param == "functional"
+             else _zoo(request.param))
     metrics = {"accuracy": keras.metrics.sparse_categorical_accuracy}
     return [keras_es.Population(model, N, SPACE, LOSS, engine.SGD("lr", momentum="momentum"),
                                 metrics=metrics, execution=e)
@@ -108,8 +115,12 @@ def test_auto_execution_and_refusals():
     frozen.layers[1].trainable = False
     assert "frozen" in stacked.unsupported_reason(frozen)
     inputs = keras.Input((6, 6, 1))
-    functional = keras.Model(inputs, L.Flatten()(L.Conv2D(2, 3)(inputs)))
-    assert stacked.unsupported_reason(functional) == "Functional is not a keras.Sequential"
+    chain = keras.Model(inputs, L.Dense(2)(L.Flatten()(L.Conv2D(2, 3)(inputs))))
+    assert population(chain).stacked  # a functional chain runs stacked
+    branch = L.Conv2D(1, 3, padding="same")(inputs)
+    residual = keras.Model(inputs, L.Flatten()(L.Add()([inputs, branch])))
+    assert "chain" in stacked.unsupported_reason(residual)
+    assert not population(residual).stacked
     regularized = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(
         2, 3, kernel_regularizer="l2"), L.Flatten()])
     assert "regularizer" in stacked.unsupported_reason(regularized)
