@@ -245,12 +245,10 @@ class Population:
         execution: How the particles run: ``"vectorized"`` (``tf.vectorized_map`` over
             ``model.stateless_call``, any model; fastest under XLA), ``"stacked"``
             (particles stacked along channels with grouped convolutions, see
-            `keras_es.stacked`; Sequential or chain-shaped functional models of Conv2D,
-            pooling, padding,
-            BatchNormalization, Dropout, Flatten, Dense and activations; fastest
-            without XLA),
-            or ``"auto"`` (default): stacked for a model it supports that has a
-            Conv2D, vectorized otherwise.
+            `keras_es.stacked`; Sequential or chain-shaped functional models of
+            Conv2D, pooling, padding, BatchNormalization, Dropout, Flatten, Dense and
+            activations; fastest without XLA), or ``"auto"`` (default): stacked for a
+            model it supports that has a Conv2D, vectorized otherwise.
     """
 
     def __init__(self, model: keras.Model, num_particles: int, space: SearchSpace, loss,
