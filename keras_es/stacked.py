@@ -1,4 +1,4 @@
-"""Particles stacked along channels: convolutional Sequential models without pfor.
+"""Particles stacked along channels: convolutional Keras models without pfor.
 
 ``tf.vectorized_map`` has no efficient rule for a convolution whose filter differs per
 particle: TensorFlow's converter loops over particles, and the im2col rewrite in
@@ -13,8 +13,8 @@ convolution, which costs more than the convolutions on a small network.
 
 So for a `keras.Sequential` model, or a functional model whose layers form one chain
 (one input, one output, each layer called once on the previous one's output), built
-only of the layers below, `forward` runs every
-particle at once, layer by layer, keeping each activation in one of three layouts:
+only of the layers below, `forward` runs every particle at once, layer by layer,
+keeping each activation in one of three layouts:
 
 * ``shared``: ``[B, ...]``, the same for every particle (the input batch, until the
   first layer with weights);
@@ -94,6 +94,8 @@ def unsupported_reason(model: keras.Model) -> str | None:
             return f"layer {layer.name} ({type(layer).__name__}) has no stacked form"
         if not layer.trainable and layer.weights:
             return f"layer {layer.name} is frozen (trainable=False)"
+        if layer.compute_dtype != "float32":
+            return f"layer {layer.name} computes in {layer.compute_dtype}, not float32"
         if any(getattr(layer, name, None) is not None for name in
                ("kernel_regularizer", "bias_regularizer", "activity_regularizer")):
             return f"layer {layer.name} has a regularizer"

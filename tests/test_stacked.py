@@ -124,5 +124,7 @@ def test_auto_execution_and_refusals():
     regularized = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(
         2, 3, kernel_regularizer="l2"), L.Flatten()])
     assert "regularizer" in stacked.unsupported_reason(regularized)
+    half = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 3, dtype="mixed_float16")])
+    assert "float16" in stacked.unsupported_reason(half)
     with pytest.raises(ValueError, match="execution='fast' is invalid"):
         population(dense, "fast")
