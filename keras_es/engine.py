@@ -5,11 +5,12 @@ dimension) and runs every particle's forward and backward pass at once, in one o
 ways: ``model.stateless_call`` under ``tf.vectorized_map`` with the gradient taken
 *inside* the map (a tape around the map is pathologically slow under XLA;
 `keras_es.vectorize` swaps Conv2D and max pooling for ops that vectorize while the step
-is traced), or, for convolutional Sequential models, with particles stacked along
-channels and grouped convolutions (`keras_es.stacked`). It then applies Keras's own
-optimizer equations with per-particle hyperparameters. Keras optimizers bake momentum
-and betas in as Python floats at trace time and cannot be stacked per particle, so the
-update equations of `SGD` and `Adam` are written here, term for term as in Keras 3.
+is traced), or, for convolutional Sequential and chain-shaped functional models, with
+particles stacked along channels and grouped convolutions (`keras_es.stacked`). It
+then applies Keras's own optimizer equations with per-particle hyperparameters. Keras
+optimizers bake momentum and betas in as Python floats at trace time and cannot be
+stacked per particle, so the update equations of `SGD` and `Adam` are written here,
+term for term as in Keras 3.
 
 Per-particle hyperparameters are decoded from one unconstrained vector per particle
 (``theta[i]``) through a `SearchSpace`. Non-trainable state (BatchNormalization
