@@ -270,9 +270,10 @@ class Population:
         if execution not in ("auto", "vectorized", "stacked"):
             raise ValueError(f"execution={execution!r} is invalid; expected 'auto', "
                              "'vectorized' or 'stacked'.")
-        if execution == "stacked" and stacked.unsupported_reason(model):
-            raise ValueError(f"execution='stacked' is invalid for this model: "
-                             f"{stacked.unsupported_reason(model)}; use 'vectorized'.")
+        reason = stacked.unsupported_reason(model) if execution == "stacked" else None
+        if reason:
+            raise ValueError(f"execution='stacked' is invalid for this model: {reason}; "
+                             "use 'vectorized'.")
         self.stacked = (execution == "stacked"
                         or (execution == "auto" and stacked.worthwhile(model)))
         self.model, self.num_particles, self.space = model, num_particles, space
@@ -390,12 +391,18 @@ class Population:
             return tf.vectorized_map(lambda a: fn(a[0], a[1]), (y, y_pred))
         return tf.vectorized_map(lambda p: fn(y, p), y_pred)
 
-    def _stacked_loss(self, trainable, non_trainable, x, y, per_particle, training):
-        """``(y_pred [N, B, ...], loss [N], non_trainable)`` of the stacked forward pass."""
+    def _stacked_forward(self, trainable, non_trainable, x, per_particle, training):
+        """``(y_pred [N, B, ...], non_trainable)`` of the stacked forward pass."""
         n = trainable[0].shape[0] or tf.shape(trainable[0])[0]
-        y_pred, non_trainable = stacked.forward(self.model, trainable, non_trainable, x, n,
-                                                per_particle, training)
-        return y_pred, self._per_particle(self._loss, y, y_pred, per_particle), non_trainable
+        return stacked.forward(self.model, trainable, non_trainable, x, n, per_particle,
+                               training)
+
+    def _scores(self, y_true, y_pred) -> dict:
+        """One particle's loss and metrics (scalars), as `evaluate` reports them."""
+        out = {"loss": self._loss(y_true, y_pred)}
+        for name, fn in self.metrics.items():
+            out[name] = tf.reduce_mean(tf.cast(fn(y_true, y_pred), tf.float32))
+        return out
 
     def train_step(self, state: PopulationState, theta: tf.Tensor, x, y):
         """One optimizer step for every particle.
@@ -432,8 +439,9 @@ class Population:
             trainable = list(state.trainable)
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
-                _, loss, non_trainable = self._stacked_loss(
-                    trainable, state.non_trainable, x, y, per_particle, training=True)
+                y_pred, non_trainable = self._stacked_forward(
+                    trainable, state.non_trainable, x, per_particle, training=True)
+                loss = self._per_particle(self._loss, y, y_pred, per_particle)
                 total = tf.reduce_sum(loss)  # particles are independent: d total / d w_n
             grads = tuple(tape.gradient(total, trainable))
         else:
@@ -458,20 +466,12 @@ class Population:
         def one(args):
             xb, yb = (args[2], args[3]) if per_particle else (x, y)
             y_pred, _ = model.stateless_call(list(args[0]), list(args[1]), xb, training=False)
-            out = {"loss": self._loss(yb, y_pred)}
-            for name, fn in self.metrics.items():
-                out[name] = tf.reduce_mean(tf.cast(fn(yb, y_pred), tf.float32))
-            return out
+            return self._scores(yb, y_pred)
 
         if self.stacked:
-            y_pred, loss, _ = self._stacked_loss(state.trainable, state.non_trainable, x, y,
-                                                 per_particle, training=False)
-            out = {"loss": loss}
-            for name, fn in self.metrics.items():
-                out[name] = self._per_particle(
-                    lambda t, p, fn=fn: tf.reduce_mean(tf.cast(fn(t, p), tf.float32)),
-                    y, y_pred, per_particle)
-            return out
+            y_pred, _ = self._stacked_forward(state.trainable, state.non_trainable, x,
+                                              per_particle, training=False)
+            return self._per_particle(self._scores, y, y_pred, per_particle)
         args = (state.trainable, state.non_trainable) + ((x, y) if per_particle else ())
         with vectorize.pfor_friendly(model):
             return tf.vectorized_map(one, args)
