@@ -257,8 +257,9 @@ def mlp_floor(n: int, seconds: float, windows: int) -> dict:
     out["update_only_xla"] = round(r["particle_steps_per_s"], 1)
     best = max(out["matmuls_only_graph"], out["matmuls_only_xla"])
     out["floor_particle_steps_per_s"] = round(1 / (1 / best + 1 / out["update_only_xla"]), 1)
-    out["true_flops_per_particle_step"] = 2 * b * (
-        2 * 784 * 128 + 3 * 128 * 128 + 3 * 128 * 10)
+    # the first layer needs no input gradient: 2 matmuls; the others 3
+    layer_macs = [a * c for a, c in zip(sizes[:-1], sizes[1:], strict=True)]
+    out["true_flops_per_particle_step"] = 2 * b * (2 * layer_macs[0] + 3 * sum(layer_macs[1:]))
     return out
 
 
