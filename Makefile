@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # mkdocs-material prints an end-of-life banner on every build; it is not a warning of ours.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv demo test lint docs clean
+.PHONY: venv demo test test-fast test-onednn lint docs clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,24 @@ demo: venv
 	mkdir -p results
 	$(DEMO)
 
+# Tests run with TensorFlow's oneDNN kernels off unless the environment says otherwise:
+# most CPUs (AMD, Apple, older Intel) get them off, and some kernels (gradients of
+# grouped convolutions) exist only with them, so a machine that has them on by default
+# (AVX-512 Intel and some AMD) would hide what most users hit.
+test test-fast: export TF_ENABLE_ONEDNN_OPTS ?= 0
+
 test: venv
 	$(VPY) -m pytest -q
+
+# The fast tier: everything but end-to-end runs, subprocesses and kills.
+test-fast: venv
+	$(VPY) -m pytest -q -m "not slow"
+
+# The particle engine's tests again with oneDNN on, where the stacked (grouped
+# convolution) execution runs on a CPU.
+test-onednn: venv
+	TF_ENABLE_ONEDNN_OPTS=1 $(VPY) -m pytest -q tests/test_engine.py tests/test_stacked.py \
+		tests/test_vectorize.py "tests/test_callback.py::test_fit_of_a_convolutional_model_tunes_on_any_cpu"
 
 lint: venv
 	$(VENV)/bin/ruff check keras_es tests examples benchmarks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import keras
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 from keras_es import checks, distribute, engine, noise
 from keras_es.estimators import ESTIMATORS, Estimator, GuidedConfig
-from keras_es.keras_system import KerasSystem
+from keras_es.keras_system import KerasSystem, as_tensors
 from keras_es.outer import MetaTrainer
 from keras_es.transforms import SearchSpace
 
@@ -24,6 +25,16 @@ _TRACED = {engine.SGD: ("momentum", "weight_decay"),
 
 
 _WINDOW_KEYS = ("loss", "meta_loss", "gradient_norm", "diverged_pairs")
+_LOGGER = logging.getLogger("keras_es")
+
+
+def _print(message: str) -> None:
+    """One line to the user, where Keras's own progress output goes: stdout while
+    interactive logging is on (the default), else the ``keras_es`` logger."""
+    if keras.config.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        _LOGGER.info(message)
 
 # XLA compiles a window in ~3-5 s and then runs it about twice as fast as graph mode
 # (MLP 784-32-32-10, N = 8, K = 10: 12 vs 23 ms): worth it from a few hundred windows.
@@ -70,7 +81,10 @@ class ESCallback(keras.callbacks.Callback):
             `keras_es.Population.hypergradient`) enters the guiding subspace.
         num_particles: N, even.
         sigma: Perturbation scale in unconstrained units.
-        truncation_length: K, particle steps per window (and ``fit`` batches per update).
+        truncation_length: K, particle steps per window (and ``fit`` batches per update,
+            counted in optimizer steps: with ``compile(steps_per_execution=S)`` the
+            windows fall due at the end of the execution that completes them, and the
+            learning rate is set once per execution of S steps).
         horizon: T, steps of a particle's inner problem; default: the steps of the fit.
         objective: ``"sum"`` of per-step validation losses or the ``"final"`` one.
         telescope: With ``objective="final"``, credit telescoped differences every
@@ -87,7 +101,8 @@ class ESCallback(keras.callbacks.Callback):
             restored from at train begin; use the ``backup_dir`` of the
             ``keras.callbacks.BackupAndRestore`` in the same fit.
         seed: Integer seed of all noise and particle data.
-        verbose: 0 silent, 1 one line per epoch, 2 one line per window.
+        verbose: 0 silent, 1 one line per epoch, 2 one line per window (the values
+            are in the epoch's ``logs`` either way, so the progress bar shows them).
         jit_compile: Compile the particles' window with XLA: ``True``, ``False``, or
             ``"auto"`` (default: when the fit has at least 500 windows, since XLA's
             compile time of a few seconds pays off only over many windows, and the
@@ -96,6 +111,8 @@ class ESCallback(keras.callbacks.Callback):
             fitted model's ``distribute_strategy`` (the strategy whose ``scope()`` the
             model was built in). ``num_particles`` must be a multiple of 2 x replicas,
             and an ``outer_optimizer`` must be created inside ``strategy.scope()``.
+        execution: How the particles run, as in `keras_es.Population`: ``"auto"``
+            (default), ``"vectorized"`` or ``"stacked"``.
     """
 
     def __init__(self, space: SearchSpace, optimizer, train_data, meta_data=None,
@@ -107,13 +124,16 @@ class ESCallback(keras.callbacks.Callback):
                  outer_optimizer: keras.optimizers.Optimizer | None = None,
                  layer_hyperparameters: dict | None = None, backup_dir: str | None = None,
                  seed: int = 0, verbose: int = 0, jit_compile: bool | str = "auto",
-                 strategy: tf.distribute.Strategy | None = None):
+                 strategy: tf.distribute.Strategy | None = None, execution: str = "auto"):
         super().__init__()
         if jit_compile not in (True, False, "auto"):
             raise ValueError(f"jit_compile={jit_compile!r} is invalid; expected True, False "
                              "or 'auto'.")
         if not isinstance(space, SearchSpace):
             raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
+        if execution not in ("auto", "vectorized", "stacked"):
+            raise ValueError(f"execution={execution!r} is invalid; expected 'auto', "
+                             "'vectorized' or 'stacked'.")
         engine.check_optimizer(optimizer, space)
         if optimizer.per_variable:
             raise ValueError("optimizer has per_variable values, which a single Keras "
@@ -155,7 +175,7 @@ class ESCallback(keras.callbacks.Callback):
         self.outer_optimizer = outer_optimizer
         self.layer_hyperparameters = dict(layer_hyperparameters or {})
         self.backup_dir, self.seed, self.verbose = backup_dir, int(seed), verbose
-        self.jit_compile = jit_compile
+        self.jit_compile, self.execution = jit_compile, execution
         self.trainer: MetaTrainer | None = None
         self._window_logs: dict = {}
         #: One entry per window of the current ``fit`` call (after a resume: since the
@@ -208,26 +228,34 @@ class ESCallback(keras.callbacks.Callback):
                 estimator = factory(self.sigma, self.truncation_length, horizon=horizon,
                                     objective=self.objective, telescope=self.telescope,
                                     stagger=stagger, guided=self.guided)
-        loss = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
-        if not callable(loss):
-            raise ValueError(f"The model's loss {model.loss!r} is not a single callable loss; "
-                             "ESCallback supports single-output models.")
+        try:
+            loss = engine.resolve_loss(model.loss)
+        except ValueError as error:
+            raise ValueError(f"The model was compiled with {error}; ESCallback supports "
+                             "single-output models.") from None
         strategy = distribute.check_strategy(self.strategy or model.distribute_strategy,
                                              self.num_particles)
+        train_data = as_tensors(self.train_data, "train_data")
+        meta_data = (None if self.meta_data is None
+                     else as_tensors(self.meta_data, "meta_data"))
+        if not model.built or not getattr(model, "inputs", None):
+            # A Sequential model without an Input (as most Keras guides write them):
+            # fit has built its layers from the first batch, but not the model itself.
+            model.build((None, *train_data[0].shape[1:]))
         outer_optimizer = self.outer_optimizer
         if outer_optimizer is None:
             with strategy.scope():
                 outer_optimizer = keras.optimizers.Adam(0.01)
         population = engine.Population(
             model, self.num_particles, self.space, loss, self.inner_optimizer,
-            layer_hyperparameters=self.layer_hyperparameters)
+            layer_hyperparameters=self.layer_hyperparameters, execution=self.execution)
         # The telescoped final objective credits only meta-losses at window ends: per-step
         # validation losses would be computed for nothing.
         step_loss = ("meta" if self.meta_data is not None and estimator.objective == "sum"
                      else "train")
         with strategy.scope():  # the particles' data: one copy per replica
             system = KerasSystem(
-                population, self.train_data, self.meta_data, batch_size=self.batch_size,
+                population, train_data, meta_data, batch_size=self.batch_size,
                 meta_batch_size=self.meta_batch_size, step_loss=step_loss)
         surrogate = None
         if estimator.guided is not None:
@@ -238,22 +266,24 @@ class ESCallback(keras.callbacks.Callback):
                     "one-step hypergradient is taken on one particle's state, which lives "
                     "on one replica; use one device or an Estimator without guided.")
 
-            def surrogate(theta, outer_step):
+            def surrogate(theta, outer_step, system_state):
                 # The step's own key: a restored run draws the same surrogate batches.
                 key = noise.pair_seeds(self.seed, noise.STREAM_SURROGATE,
                                        tf.constant([0]), tf.cast(outer_step, tf.int32)[None])[0]
-                return system.hypergradient(self.trainer.system_state, theta, key)
+                return system.hypergradient(system_state, theta, key)
         self.trainer = MetaTrainer(
             system, estimator, self.space, self.num_particles, optimizer=outer_optimizer,
             seed=self.seed, surrogate=surrogate, jit_compile=self._use_xla(estimator, population),
             strategy=strategy)
         self._batches = 0
+        self._last_iterations = None
         self.window_history = []
         if self.backup_dir and os.path.exists(self._pointer_path):
             with open(self._pointer_path) as f:
                 pointer = json.load(f)
             self.trainer.restore(os.path.join(self.backup_dir, pointer["prefix"]))
             self._batches = pointer["batches"]
+        self._windows = self._batches // self.trainer.estimator.truncation_length
         self._apply(retrace=True)
 
     def _use_xla(self, estimator, population) -> bool:
@@ -266,19 +296,28 @@ class ESCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ training
     def on_train_batch_begin(self, batch, logs=None):
+        if self._last_iterations is None:
+            # Read here, not at train begin: BackupAndRestore may restore the optimizer
+            # in its own on_train_begin, after this callback's.
+            self._last_iterations = int(self.model.optimizer.iterations.numpy())
         self._set_learning_rate()
 
     def on_train_batch_end(self, batch, logs=None):
-        self._batches += 1
-        if self._batches % self.trainer.estimator.truncation_length:
-            return
-        self._window_logs = self.trainer.step()
-        self.window_history.append({"batches": self._batches,
-                                    "theta": self.trainer.theta_value.tolist(),
-                                    **{k: self._window_logs[k] for k in _WINDOW_KEYS}})
-        self._apply(retrace=False)
-        if self.verbose == 2:
-            keras.utils.io_utils.print_msg("ESCallback window: " + self._summary())
+        # Count optimizer steps, not calls: with compile(steps_per_execution=S) Keras
+        # calls back once per S batches, and a window is K batches whatever S is.
+        iterations = int(self.model.optimizer.iterations.numpy())
+        self._batches += iterations - self._last_iterations
+        self._last_iterations = iterations
+        length = self.trainer.estimator.truncation_length
+        while self._windows < self._batches // length:
+            self._windows += 1
+            self._window_logs = self.trainer.step()
+            self.window_history.append({"batches": self._windows * length,
+                                        "theta": self.trainer.theta_value.tolist(),
+                                        **{k: self._window_logs[k] for k in _WINDOW_KEYS}})
+            self._apply(retrace=False)
+            if self.verbose == 2:
+                _print("ESCallback window: " + self._summary())
 
     def on_epoch_end(self, epoch, logs=None):
         if self.trainer is None:
@@ -289,7 +328,7 @@ class ESCallback(keras.callbacks.Callback):
         if self.backup_dir:
             self._save()
         if self.verbose == 1:
-            keras.utils.io_utils.print_msg(f"Epoch {epoch + 1}: ESCallback " + self._summary())
+            _print(f"Epoch {epoch + 1}: ESCallback " + self._summary())
 
     def on_train_end(self, logs=None):
         if self.trainer is None or not self.trainer.optimizer.use_ema:
@@ -390,4 +429,4 @@ class ESCallback(keras.callbacks.Callback):
                 "meta_batch_size": self.meta_batch_size,
                 "layer_hyperparameters": self.layer_hyperparameters,
                 "backup_dir": self.backup_dir, "seed": self.seed, "verbose": self.verbose,
-                "jit_compile": self.jit_compile}
+                "jit_compile": self.jit_compile, "execution": self.execution}

@@ -20,6 +20,7 @@ statistics, dropout seed generators) is per particle as well.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -194,6 +195,103 @@ class Adam(_InnerOptimizer):
         return var, [m, v]
 
 
+_WARNED: set = set()
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A loss function as a ``keras.losses.Loss`` with ``compile``'s reduction (the
+    batch mean). Keras wraps function losses in its ``LossFunctionWrapper``, which it
+    does not export; this is the same: targets and predictions brought to the same
+    rank when one has an extra trailing axis of 1, then the function per example."""
+
+    def __init__(self, function, name=None):
+        super().__init__(name=name or getattr(function, "__name__", None))
+        self.function = function
+
+    def call(self, y_true, y_pred):
+        if y_true.shape.rank == y_pred.shape.rank + 1 and y_true.shape[-1] == 1:
+            y_true = tf.squeeze(y_true, -1)
+        elif y_pred.shape.rank == y_true.shape.rank + 1 and y_pred.shape[-1] == 1:
+            y_true = tf.expand_dims(y_true, -1) if y_true.shape.rank == 1 else y_true
+            y_pred = y_pred if y_true.shape.rank == y_pred.shape.rank else tf.squeeze(y_pred,
+                                                                                        -1)
+        return self.function(y_true, y_pred)
+
+
+class _ByShape(keras.losses.Loss):
+    """``loss="crossentropy"`` (or ``"ce"``): binary, sparse or categorical
+    cross-entropy picked from the shapes of the targets and predictions, as Keras's
+    ``compile`` does."""
+
+    def call(self, y_true, y_pred):
+        if y_pred.shape[-1] == 1:
+            function = keras.losses.binary_crossentropy
+        elif y_true.shape.rank == y_pred.shape.rank - 1 or y_true.shape[-1] == 1:
+            function = keras.losses.sparse_categorical_crossentropy
+        else:
+            function = keras.losses.categorical_crossentropy
+        return _FunctionLoss(function).call(y_true, y_pred)
+
+
+def resolve_loss(loss):
+    """A loss as ``model.compile`` accepts it, made a callable ``(y_true, y_pred)``.
+
+    Strings (``"mse"``, ``"sparse_categorical_crossentropy"``, ...) and plain functions
+    (which return one value per example) are wrapped as ``compile`` wraps them, so the
+    particles train on the batch mean Keras's ``fit`` trains on. ``keras.losses.Loss``
+    objects are used as they are. Raises ``ValueError`` for anything else (a dict or
+    list of losses for several outputs).
+    """
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if isinstance(loss, str) and loss.lower() in ("crossentropy", "ce"):
+        return _ByShape(name=loss)
+    if isinstance(loss, str):
+        try:
+            function = keras.losses.get(loss)
+        except ValueError as error:
+            raise ValueError(f"loss={loss!r} is invalid; expected a name keras.losses.get "
+                             f"knows ({error}).") from None
+        if isinstance(function, keras.losses.Loss):
+            return function
+        return _FunctionLoss(function, name=loss)
+    if callable(loss):
+        return _FunctionLoss(loss)
+    raise ValueError(f"loss={loss!r} is invalid; expected one loss for the model's single "
+                     "output: a keras.losses.Loss, a loss name such as 'mse', or a function "
+                     "(y_true, y_pred) -> loss.")
+
+
+def _choose_stacked(model: keras.Model, execution: str) -> bool:
+    """Whether a population of ``model`` runs stacked, for ``execution`` ("auto",
+    "vectorized" or "stacked"); raises for an explicit "stacked" that cannot run."""
+    if execution == "vectorized":
+        return False
+    if execution == "stacked":
+        reason = stacked.unsupported_reason(model)
+        if reason:
+            raise ValueError(f"execution='stacked' is invalid for this model: {reason}; "
+                             "use 'vectorized'.")
+        reason = stacked.missing_kernel(model)
+        if reason:
+            raise ValueError(f"execution='stacked' cannot run here: {reason}. Use "
+                             f"execution='vectorized' (or 'auto'), or, {stacked.ONEDNN_TIP}.")
+        return True
+    if not stacked.worthwhile(model):
+        return False
+    reason = stacked.missing_kernel(model)
+    if reason:
+        # Once per process (the device does not change), not once per population.
+        if not _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(
+                f"keras_es: running the particles vectorized instead of stacked, which is "
+                f"about half as fast on convolutional models: {reason}. To get the stacked "
+                f"speed, {stacked.ONEDNN_TIP}.", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def check_optimizer(optimizer, space: SearchSpace) -> None:
     """Raises ``ValueError`` unless ``optimizer`` is an inner optimizer whose
     hyperparameter names all belong to ``space``."""
@@ -231,8 +329,11 @@ class Population:
         model: A built Keras model (Sequential or functional).
         num_particles: N.
         space: The `SearchSpace` that theta's columns decode with.
-        loss: A Keras loss (reduction ``"sum_over_batch_size"``) or a function
-            ``loss(y_true, y_pred) -> scalar``.
+        loss: What ``model.compile(loss=...)`` takes for one output: a
+            ``keras.losses.Loss`` (any reduction; with ``None`` the per-example losses
+            are summed, as Keras's ``fit`` differentiates them), a name such as
+            ``"mse"`` or ``"sparse_categorical_crossentropy"``, or a function
+            ``loss(y_true, y_pred)`` (see `resolve_loss`).
         optimizer: `SGD` or `Adam` (inner optimizer with per-particle values).
         metrics: ``{name: fn(y_true, y_pred) -> per-example values}`` for `evaluate`.
         initialize: ``"initializers"`` draws each particle's initial weights from the
@@ -248,8 +349,12 @@ class Population:
             (particles stacked along channels with grouped convolutions, see
             `keras_es.stacked`; Sequential or chain-shaped functional models of
             Conv2D, pooling, padding, BatchNormalization, Dropout, Flatten, Dense and
-            activations; fastest without XLA), or ``"auto"`` (default): stacked for a
-            model it supports that has a Conv2D, vectorized otherwise.
+            activations; fastest without XLA; needs gradient kernels for grouped
+            convolutions, which CPUs have only with TensorFlow's oneDNN kernels on), or
+            ``"auto"`` (default): stacked for a model it supports that has a Conv2D when
+            the device has those kernels (probed once per process, see
+            `keras_es.stacked.missing_kernel`), vectorized otherwise, with one warning
+            saying why. An explicit ``"stacked"`` that cannot run raises at once.
     """
 
     def __init__(self, model: keras.Model, num_particles: int, space: SearchSpace, loss,
@@ -270,14 +375,9 @@ class Population:
         if execution not in ("auto", "vectorized", "stacked"):
             raise ValueError(f"execution={execution!r} is invalid; expected 'auto', "
                              "'vectorized' or 'stacked'.")
-        reason = stacked.unsupported_reason(model) if execution == "stacked" else None
-        if reason:
-            raise ValueError(f"execution='stacked' is invalid for this model: {reason}; "
-                             "use 'vectorized'.")
-        self.stacked = (execution == "stacked"
-                        or (execution == "auto" and stacked.worthwhile(model)))
+        self.stacked = _choose_stacked(model, execution)
         self.model, self.num_particles, self.space = model, num_particles, space
-        self.loss, self.optimizer = loss, optimizer
+        self.loss, self.optimizer = resolve_loss(loss), optimizer
         self.metrics = dict(metrics or {})
         self.initialize = initialize
         self.trainable_paths = [v.path for v in model.trainable_variables]
@@ -367,10 +467,15 @@ class Population:
 
     # ------------------------------------------------------------------ steps
     def _loss(self, y, y_pred):
-        loss = tf.cast(self.loss(y, y_pred), tf.float32)
+        fn = self.loss
+        loss = tf.cast(fn(y, y_pred), tf.float32)
+        if loss.shape.rank:
+            # reduction=None: Keras's fit differentiates the sum of the per-example
+            # losses (the gradient of a non-scalar target); train on the same.
+            loss = tf.reduce_sum(loss)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if (replicas > 1 and isinstance(self.loss, keras.losses.Loss)
-                and self.loss.reduction in _KERAS_MEAN_REDUCTIONS):
+        if (replicas > 1 and isinstance(fn, keras.losses.Loss)
+                and fn.reduction in _KERAS_MEAN_REDUCTIONS):
             # Under a tf.distribute strategy a Keras loss divides its mean by the number
             # of replicas, taking each replica's batch for a shard of one global batch.
             # A particle's batch is whole on its replica: undo the division.

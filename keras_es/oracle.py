@@ -51,6 +51,7 @@ from keras_tuner.engine import trial as trial_module
 from keras_es import checks
 from keras_es import estimators as estimators_lib
 from keras_es import noise as noise_lib
+from keras_es.outer import outer_update
 from keras_es.transforms import Logit
 from keras_es.unrolled import UnrolledSystem
 
@@ -497,11 +498,12 @@ class ESOracle(keras_tuner.Oracle):
             es["last_reported"][int(key)] = float(value) if np.isfinite(value) else None
         if credited:
             self._restore_optimizer(es["optimizer"])
-            self.outer_optimizer.apply([result.gradient], [self._theta_variable])
-            updated = np.asarray(self._theta_variable.numpy(), np.float32)
-            # Same guard as MetaTrainer: a finite gradient can still overflow theta.
-            if np.all(np.isfinite(updated)):
-                es["theta"] = [float(v) for v in updated]
+            # The rule MetaTrainer applies too: skipped without a valid pair, undone
+            # (theta and the optimizer's slots) when it would leave anything non-finite.
+            applied = bool(outer_update(self.outer_optimizer, self._theta_variable,
+                                        result.gradient, result.valid_pairs))
+            es["theta"] = [float(v) for v in np.asarray(self._theta_variable.numpy(),
+                                                        np.float32)]
             es["optimizer"] = _optimizer_to_json(self.outer_optimizer)
             es["outer_step"] += 1
             losses = [v for v in plan["results"].values() if v is not None]
@@ -515,6 +517,7 @@ class ESOracle(keras_tuner.Oracle):
                 self.objective.name: None if mean_loss is None else sign * mean_loss,
                 "valid_pairs": int(result.valid_pairs),
                 "diverged_pairs": int(result.diverged_pairs),
+                "updated": applied,
                 "gradient_norm": float(tf.norm(result.gradient)),
                 "values": self.mean_values(),
             })

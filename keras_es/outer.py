@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -57,8 +58,11 @@ class MetaTrainer:
         optimizer: A Keras optimizer for theta; default ``SGD(learning_rate=0.01)``.
         seed: Integer seed from which every perturbation, data key and
             re-initialization key is derived.
-        surrogate: Optional ``surrogate(theta, outer_step) -> [dim]`` tensor function,
-            pushed into the guided FIFO before every window (needs ``estimator.guided``).
+        surrogate: Optional tensor function pushed into the guided FIFO before every
+            window (needs ``estimator.guided``): ``surrogate(theta, outer_step) -> [dim]``,
+            or ``surrogate(theta, outer_step, system_state)`` to read the particles'
+            current states (every particle, as `system_state` returns them; one device
+            only), e.g. a one-step hypergradient of a particle's weights.
         jit_compile: Compile the particles' steps with XLA.
         strategy: A ``tf.distribute.Strategy`` to shard the particles over; default
             the current one (``tf.distribute.get_strategy()``: one device unless the
@@ -86,6 +90,12 @@ class MetaTrainer:
             raise ValueError(f"objective='final' needs {type(system).__name__}.meta_loss(); "
                              "implement it or use objective='sum'.")
         strategy = distribute_lib.check_strategy(strategy, num_particles)
+        self._surrogate_reads_state = surrogate is not None and _takes_state(surrogate)
+        if self._surrogate_reads_state and strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "surrogate takes the particles' system_state, which a strategy of "
+                f"{strategy.num_replicas_in_sync} replicas keeps split across devices; use "
+                "one device or a surrogate(theta, outer_step).")
         if optimizer is not None and \
                 getattr(optimizer, "_distribution_strategy", strategy) is not strategy:
             # Keras optimizers bind to the strategy current when they are created.
@@ -163,7 +173,7 @@ class MetaTrainer:
 
     def step(self) -> dict:
         """One window and one update of theta; returns that window's logs."""
-        self._particles.values, result = self._step_fn(self._particles.values)
+        self._particles.values, result, updated = self._step_fn(self._particles.values)
         logs = {
             "outer_step": int(self.outer_step.numpy()),
             "loss": float(result.loss),
@@ -171,6 +181,8 @@ class MetaTrainer:
             "gradient_norm": float(tf.norm(result.gradient)),
             "valid_pairs": int(result.valid_pairs),
             "diverged_pairs": int(result.diverged_pairs),
+            # False when the update was skipped or undone (see `outer_update`).
+            "updated": bool(updated),
         }
         theta = self.theta_value
         if self.space:
@@ -236,9 +248,12 @@ class MetaTrainer:
     def _step(self, particles):
         surrogate = None
         if self.surrogate is not None:
-            surrogate = tf.reshape(tf.cast(self.surrogate(tf.convert_to_tensor(self.theta),
-                                                          self.outer_step), tf.float32),
-                                   [self.dim])
+            args = [tf.convert_to_tensor(self.theta), self.outer_step]
+            if self._surrogate_reads_state:
+                # Passed in, not read from self: a tf.function would capture the state
+                # at trace time as a constant and every later window reuse it.
+                args.append(particles[0])
+            surrogate = tf.reshape(tf.cast(self.surrogate(*args), tf.float32), [self.dim])
 
         def replica(particles):
             system_state, state = particles
@@ -255,22 +270,9 @@ class MetaTrainer:
         # Every replica holds the same reduced result; read the first local one.
         result = tf.nest.map_structure(
             lambda v: self.strategy.experimental_local_results(v)[0], result)
-        theta = tf.convert_to_tensor(self.theta)
-
-        # A window in which every pair diverged carries no information: skip the update,
-        # or a momentum optimizer (Adam) would keep coasting on its zero gradient, out
-        # of the region where the particles diverge and on into wherever it points.
-        def update():
-            self.optimizer.apply([result.gradient], [self.theta])
-            return tf.constant(True)
-
-        tf.cond(result.valid_pairs > 0, update, lambda: tf.constant(False))
-        # A finite gradient can still overflow theta (huge learning rates): keep the old
-        # value rather than let a non-finite theta poison every later step.
-        updated = tf.convert_to_tensor(self.theta)
-        self.theta.assign(tf.where(tf.reduce_all(tf.math.is_finite(updated)), updated, theta))
+        applied = outer_update(self.optimizer, self.theta, result.gradient, result.valid_pairs)
         self.outer_step.assign_add(1)
-        return particles, result
+        return particles, result, applied
 
     def _check_layout(self, particles, pairs_per_replica):
         for leaf in tf.nest.flatten(particles[0]):
@@ -280,6 +282,61 @@ class MetaTrainer:
                     f"{type(self.system).__name__}.init returned a state leaf of shape "
                     f"{local.shape}; expected a leading particle dimension of "
                     f"{2 * pairs_per_replica} (num_particles per replica) on every leaf.")
+
+
+def outer_update(optimizer: keras.optimizers.Optimizer, theta: keras.Variable, gradient,
+                 valid_pairs) -> tf.Tensor:
+    """Applies one ES estimate to ``theta`` with ``optimizer``, unless it would do harm.
+
+    The one outer-update rule of every front end (`MetaTrainer`, `keras_es.ESCallback`
+    through it, and `keras_es.ESOracle`), eager or inside a ``tf.function``:
+
+    * no valid pair (every pair diverged): skipped, since the estimate carries no
+      information and a momentum optimizer (Adam) would otherwise keep coasting on its
+      zero gradient, out of the region where the particles diverge and on into
+      wherever it points;
+    * a non-finite estimate: skipped;
+    * an update that leaves theta or any optimizer variable non-finite (a finite but
+      huge estimate overflows Adam's second moment, or a huge learning rate overflows
+      theta): undone, theta *and* the optimizer's slots restored, so one outlier never
+      freezes every later update.
+
+    Returns:
+        A bool tensor: whether theta was updated.
+    """
+    gradient = tf.convert_to_tensor(gradient, tf.float32)
+    variables = [theta] + list(optimizer.variables)
+
+    def update():
+        before = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+        with tf.control_dependencies(before):
+            optimizer.apply([gradient], [theta])
+        after = [tf.convert_to_tensor(v) for v in variables]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(v, tf.float32)))
+                                for v in after])
+
+        def undo():
+            with tf.control_dependencies(after):
+                for variable, value in zip(variables, before, strict=True):
+                    variable.assign(value)
+            return tf.constant(False)
+
+        return tf.cond(finite, lambda: tf.constant(True), undo)
+
+    usable = tf.logical_and(tf.convert_to_tensor(valid_pairs) > 0,
+                            tf.reduce_all(tf.math.is_finite(gradient)))
+    return tf.cond(usable, update, lambda: tf.constant(False))
+
+
+def _takes_state(function) -> bool:
+    """Whether ``function`` has a third positional parameter (``system_state``)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the short form
+        return False
+    positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
 
 
 def _estimator_rows(state: EstimatorState, pairs_per_replica: int) -> EstimatorState:

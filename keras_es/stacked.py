@@ -114,9 +114,69 @@ def unsupported_reason(model: keras.Model) -> str | None:
 
 def worthwhile(model: keras.Model) -> bool:
     """True when ``model`` can run stacked and has a convolution (the case where the
-    stacked form beats ``tf.vectorized_map``; Dense-only models are faster under XLA)."""
+    stacked form beats ``tf.vectorized_map``; Dense-only models are faster under XLA).
+    It says nothing of the device: see `missing_kernel`."""
     return (unsupported_reason(model) is None
             and any(type(layer) is keras.layers.Conv2D for layer in layer_chain(model)))
+
+
+# ---------------------------------------------------------------------- kernels
+# Advice printed with a missing kernel. Which kernels a CPU has depends on whether
+# TensorFlow turned its oneDNN kernels on, which it does by default only on some x86
+# CPUs (AVX-512 Intel); on AMD, Apple and older Intel it stays off and the gradients
+# of grouped convolutions do not exist ("Gradients for grouped convolutions are not
+# supported on CPU").
+ONEDNN_TIP = ("on a CPU, set TF_ENABLE_ONEDNN_OPTS=1 in the environment before TensorFlow "
+              "is imported: its oneDNN kernels have them")
+_PROBED: dict = {}
+
+
+def _probe(input_gradient: bool, strides, dilation, padding: str) -> str | None:
+    """Runs one tiny grouped convolution of this form with the gradients the stacked
+    step takes, eagerly on the default device; the error message if a kernel is
+    missing."""
+    key = (input_gradient, tuple(strides), tuple(dilation), padding,
+           bool(tf.config.list_logical_devices("GPU")))
+    if key not in _PROBED:
+        x = tf.ones([1, 7, 7, 4])
+        kernel = tf.ones([2, 2, 2, 4])  # two groups of two channels
+        try:
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                y = tf.reduce_sum(tf.nn.convolution(x, kernel, strides=list(strides),
+                                                    padding=padding.upper(),
+                                                    dilations=list(dilation)))
+            for gradient in tape.gradient(y, [x, kernel] if input_gradient else [kernel]):
+                gradient.numpy()
+            _PROBED[key] = None
+        except (tf.errors.OpError, ValueError) as error:
+            message = str(error).strip().splitlines()[0].split("}}")[-1].strip()
+            # TF's first sentence says what is missing; the rest is shapes and op names.
+            _PROBED[key] = message.split(". ")[0].rstrip(".") or type(error).__name__
+    return _PROBED[key]
+
+
+def missing_kernel(model: keras.Model) -> str | None:
+    """Why this device cannot run ``model``'s stacked form, or None if it can.
+
+    Probes each form of convolution the stacked step runs (its strides, dilation and
+    padding; with or without the gradient for its input) once per process on a tiny
+    input, forward and backward, rather than guessing from CPU flags. Every
+    convolution counts as grouped: even the first one is, when each particle gets its
+    own batch. Assumes ``unsupported_reason(model)`` is None.
+    """
+    first = True
+    for layer in layer_chain(model):
+        if type(layer) is not keras.layers.Conv2D:
+            continue
+        # The first convolution reads the input batch, whose gradient is never taken.
+        error = _probe(not first, layer.strides, layer.dilation_rate, layer.padding)
+        first = False
+        if error:
+            return (f"the grouped convolution of layer {layer.name} (strides "
+                    f"{tuple(layer.strides)}, dilation {tuple(layer.dilation_rate)}) has no "
+                    f"gradient kernel on this device: {error}")
+    return None
 
 
 # ---------------------------------------------------------------------- layouts
@@ -234,8 +294,11 @@ def forward(model: keras.Model, trainable, non_trainable, x, n: int,
                 inputs = x
             else:  # channels n * C .. n * C + C - 1 meet filter group n
                 inputs = _to_channels(x, layout)
-            x = tf.nn.conv2d(inputs, kernel, strides=layer.strides,
-                             padding=layer.padding.upper(), dilations=layer.dilation_rate)
+            # tf.nn.convolution (what Keras calls) rather than tf.nn.conv2d: it computes
+            # an ungrouped dilated convolution through space-to-batch, whose gradient
+            # exists on every CPU (Conv2DBackpropInput with dilation > 1 needs oneDNN).
+            x = tf.nn.convolution(inputs, kernel, strides=layer.strides,
+                                  padding=layer.padding.upper(), dilations=layer.dilation_rate)
             if layer.use_bias:
                 x = x + tf.reshape(weight(layer.bias), [-1])
             layout = CHANNELS

@@ -14,6 +14,18 @@ import pytest  # noqa: E402
 from keras_es import testing  # noqa: E402
 
 
+def require_stacked_kernels(model) -> None:
+    """Skips the calling test where this device has no gradient kernels for the
+    grouped convolutions of ``model``'s stacked form (CPUs without oneDNN). What such
+    a device does instead (fall back, or refuse ``execution="stacked"``) is tested in
+    tests/test_stacked.py; CI runs the stacked tests again with oneDNN on."""
+    from keras_es import stacked
+
+    reason = stacked.missing_kernel(model)
+    if reason:
+        pytest.skip(f"stacked execution needs kernels this device lacks: {reason}")
+
+
 @pytest.fixture(scope="session")
 def oracle_system():
     """Linear dynamics with quadratic losses: exact gradients for every estimator."""

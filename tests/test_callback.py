@@ -8,12 +8,15 @@ import pathlib
 import signal
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_es
+from keras_es import stacked
 
 SPACE = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 1e-3, "log"),
                               keras_es.Hyperparameter("momentum", 0.5, "logit")])
@@ -222,6 +225,7 @@ with open(out, "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_a_killed_fit_resumes_the_same_theta_trajectory(tmp_path):
     script = tmp_path / "fit.py"
     script.write_text(_FIT_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
@@ -253,33 +257,167 @@ def test_auto_jit_compile_follows_window_count_and_population():
     estimator = keras_es.es_single(0.3, 4)
     space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 1e-3, "log")])
 
-    def population(model):
+    def population(model, execution="auto"):
         return keras_es.Population(model, 2, space, keras.losses.MeanSquaredError(),
-                                   keras_es.engine.SGD("lr"))
+                                   keras_es.engine.SGD("lr"), execution=execution)
 
     conv = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3),
                              keras.layers.Flatten(), keras.layers.Dense(1)])
     assert callback._use_xla(estimator, population(_model()))
-    assert not callback._use_xla(estimator, population(conv))  # stacked: XLA is slow
+    assert callback._use_xla(estimator, population(conv, "vectorized"))
+    if stacked.missing_kernel(conv) is None:
+        assert not callback._use_xla(estimator, population(conv))  # stacked: XLA is slow
     callback.params = {"steps": 16, "epochs": 10}  # 40 windows: compile would not pay off
     assert not callback._use_xla(estimator, population(_model()))
 
 
-def test_fit_of_a_convolutional_model_tunes_with_stacked_particles():
+@pytest.mark.parametrize("convolutions, execution", [(1, "auto"), (2, "auto"),
+                                                     (2, "vectorized")])
+def test_fit_of_a_convolutional_model_tunes_on_any_cpu(convolutions, execution):
+    """Particles run stacked where the device has grouped-convolution gradients and
+    vectorized elsewhere (a CPU without oneDNN), or as asked."""
     rng = np.random.default_rng(4)
     x = rng.normal(size=(256, 6, 6, 1)).astype("float32")
     y = (x[:, :3, :3, 0].sum((1, 2)) > 0).astype("int32")
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3),
+    extra = [keras.layers.Conv2D(4, 3, padding="same")] if convolutions == 2 else []
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3), *extra,
                               keras.layers.BatchNormalization(),
                               keras.layers.Activation("relu"), keras.layers.Flatten(),
                               keras.layers.Dense(2)])
     model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.5),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callback = _callback(train_data=(x[:192], y[:192]), meta_data=(x[192:], y[192:]))
-    history = model.fit(x[:192], y[:192], batch_size=32, epochs=2, shuffle=False,
-                        verbose=0, callbacks=[callback])
-    assert callback.trainer.system.population.stacked
-    assert not callback.trainer.jit_compile  # auto: stacked steps run without XLA
+    callback = _callback(train_data=(x[:192], y[:192]), meta_data=(x[192:], y[192:]),
+                         execution=execution)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's, tested elsewhere
+        history = model.fit(x[:192], y[:192], batch_size=32, epochs=2, shuffle=False,
+                            verbose=0, callbacks=[callback])
+    expected = execution == "auto" and stacked.missing_kernel(model) is None
+    assert callback.trainer.system.population.stacked == expected
+    assert not callback.trainer.jit_compile  # auto: 12 windows, too few for XLA
     assert history.history["es_lr"][-1] > 1e-3  # a far too small lr is raised
     assert np.all(np.isfinite(callback.trainer.theta_value))
+
+
+def test_the_guided_surrogate_reads_the_particles_current_weights():
+    """The one-step hypergradient pushed before each window is taken at the particles'
+    state of that moment, not at the state captured when the window was traced."""
+    model = _model()
+    callback = _callback(guided=keras_es.GuidedConfig(k=1, alpha=0.5))
+    model.fit(X, Y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    trainer = callback.trainer
+    system = trainer.system
+    pushed, expected = [], []
+    for _ in range(3):
+        state, theta = trainer.system_state, tf.constant(trainer.theta_value)
+        step = int(trainer.outer_step.numpy())
+        key = keras_es.noise.pair_seeds(3, keras_es.noise.STREAM_SURROGATE,
+                                        tf.constant([0]), tf.constant([step]))[0]
+        expected.append(system.hypergradient(state, theta, key).numpy())
+        trainer.step()
+        pushed.append(trainer.state.guided.surrogates.numpy()[0])
+    np.testing.assert_allclose(pushed, expected, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(pushed[0], pushed[2])  # the weights moved, so did the surrogate
+
+
+# Compile calls as the keras.io guides write them: string losses and metrics, loss
+# objects with every reduction, from_logits either way.
+COMPILES = {
+    "sparse_string": (dict(loss="sparse_categorical_crossentropy", metrics=["accuracy"]),
+                      "softmax", "sparse"),
+    "categorical_string": (dict(loss="categorical_crossentropy", metrics=["accuracy"]),
+                           "softmax", "onehot"),
+    "mse_string": (dict(loss="mse", metrics=["mae"]), None, "onehot"),
+    "mae_string": (dict(loss="mae"), None, "onehot"),
+    "binary_string": (dict(loss="binary_crossentropy", metrics=["accuracy"]), "sigmoid",
+                      "binary"),
+    "crossentropy_by_shape": (dict(loss="crossentropy"), "softmax", "sparse"),
+    "logits_object": (dict(loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=[keras.metrics.SparseCategoricalAccuracy()]), None,
+        "sparse"),
+    "sum_reduction": (dict(loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True, reduction="sum")), None, "onehot"),
+    "no_reduction": (dict(loss=keras.losses.MeanSquaredError(reduction=None)), None,
+                     "onehot"),
+    "function": (dict(loss=keras.losses.sparse_categorical_crossentropy), "softmax",
+                 "sparse"),
+}
+
+
+def _targets(kind, y):
+    if kind == "onehot":
+        return keras.utils.to_categorical(y, 3).astype("float32")
+    if kind == "binary":
+        return (y == 0).astype("float32")[:, None]
+    return y
+
+
+@pytest.mark.parametrize("name", sorted(COMPILES))
+def test_keras_compile_calls_as_users_write_them(name):
+    settings, activation, kind = COMPILES[name]
+    units = 1 if kind == "binary" else 3
+    keras.utils.set_random_seed(0)
+    # Sequential without an Input, as the guides build it.
+    model = keras.Sequential([keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(units, activation=activation)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.5), **settings)
+    x, y = _data(512, 1)
+    xv, yv = _data(256, 2)
+    callback = _callback(train_data=(x, _targets(kind, y)), meta_data=(xv, _targets(kind, yv)))
+    history = model.fit(X, _targets(kind, Y), batch_size=32, epochs=1, verbose=0,
+                        callbacks=[callback])
+    assert int(callback.trainer.outer_step.numpy()) == 4
+    assert np.isfinite(history.history["es_meta_loss"][-1])
+    # The particles train on the loss Keras's fit trains on: same value, same weights.
+    population = callback.trainer.system.population
+    state = population.copy_state(model)
+    xb, yb = tf.constant(X[:32]), tf.constant(_targets(kind, Y[:32]))
+    ours = population.evaluate(state, xb, yb)["loss"].numpy()
+    theirs = model.compute_loss(x=xb, y=yb, y_pred=model(xb))
+    np.testing.assert_allclose(ours, np.sum(theirs), rtol=1e-5)
+
+
+def test_steps_per_execution_counts_batches_not_calls():
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=3)
+    callback = _callback(truncation_length=5)
+    model.fit(X[:352], Y[:352], batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    # 44 batches, K = 5: 8 windows, although Keras called back only 15 times.
+    assert int(callback.trainer.outer_step.numpy()) == 8
+    assert [w["batches"] for w in callback.window_history] == list(range(5, 41, 5))
+
+
+@pytest.mark.parametrize("verbose", [0, 1, 2])
+@pytest.mark.parametrize("fit_verbose", [0, 1, 2, "auto"])
+def test_every_verbose_level(verbose, fit_verbose, capsys):
+    model = _model()
+    callback = _callback(verbose=verbose)
+    model.fit(X[:128], Y[:128], batch_size=32, epochs=2, verbose=fit_verbose,
+              callbacks=[callback])
+    out = capsys.readouterr().out
+    assert out.count("ESCallback window: es_lr=") == (2 if verbose == 2 else 0)
+    assert out.count(": ESCallback es_lr=") == (2 if verbose == 1 else 0)
+
+
+def _generator():
+    while True:
+        for i in range(0, 512, 32):
+            yield X[i:i + 32], Y[i:i + 32]
+
+
+@pytest.mark.parametrize("source", ["arrays", "dataset", "generator"])
+def test_fit_on_arrays_datasets_and_generators(source):
+    model = _model()
+    callback = _callback()
+    if source == "arrays":
+        model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    elif source == "dataset":
+        data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(32)
+        model.fit(data, epochs=1, verbose=0, callbacks=[callback])
+    else:
+        model.fit(_generator(), steps_per_epoch=16, epochs=1, verbose=0,
+                  callbacks=[callback])
+    assert int(callback.trainer.outer_step.numpy()) == 4

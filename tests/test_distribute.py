@@ -21,6 +21,8 @@ import tensorflow as tf
 import keras_es
 from keras_es import distribute, testing
 
+pytestmark = pytest.mark.slow  # subprocesses with several logical devices
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RUNS = os.path.join(HERE, "distributed_runs.py")

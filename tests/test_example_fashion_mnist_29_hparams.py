@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 
+
+@pytest.mark.slow
 def test_quick_run_tunes_29_hyperparameters(load_example, tmp_path, capsys):
     example = load_example("fashion_mnist_29_hparams")
     val_loss = example.main(["--quick", "--directory", str(tmp_path)])

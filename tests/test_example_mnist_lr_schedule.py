@@ -34,6 +34,7 @@ def test_embedded_digits_through_tfds(data_dir):
         datasets.load("digits", "train", data_dir, max_examples=0)
 
 
+@pytest.mark.slow
 def test_quick_run_learns_a_schedule_near_the_grid_best(example, tmp_path):
     out = tmp_path / "schedule.json"
     result = example.main(["--quick", "--out", str(out)])

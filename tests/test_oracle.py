@@ -309,6 +309,7 @@ def _state(directory):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_without_losing_particles_or_steps(tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     reference.mkdir()
@@ -338,6 +339,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_chief_and_two_workers_survive_a_killed_worker(tmp_path):
     port = str(_free_port())
     env = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": port}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import require_stacked_kernels
 
 import keras_es
 from keras_es import engine, stacked
@@ -53,6 +56,7 @@ def _zoo(head="flatten", functional=False):
 def populations(request):
     model = (_zoo("flatten", functional=True) if request.param == "functional"
              else _zoo(request.param))
+    require_stacked_kernels(model)
     metrics = {"accuracy": keras.metrics.sparse_categorical_accuracy}
     return [keras_es.Population(model, N, SPACE, LOSS, engine.SGD("lr", momentum="momentum"),
                                 metrics=metrics, execution=e)
@@ -101,7 +105,8 @@ def test_auto_execution_and_refusals():
         return keras_es.Population(model, 2, SPACE, LOSS, engine.SGD("lr"),
                                    execution=execution)
 
-    assert population(_zoo()).stacked and not population(_zoo()).xla_friendly
+    kernels = stacked.missing_kernel(_zoo()) is None
+    assert population(_zoo()).stacked == kernels and population(_zoo()).xla_friendly != kernels
     dense = keras.Sequential([keras.Input((5,)), L.Dense(3)])
     assert not population(dense).stacked  # no convolution: vectorized under XLA is faster
     assert population(dense, "stacked").stacked  # but it can run stacked
@@ -116,7 +121,7 @@ def test_auto_execution_and_refusals():
     assert "frozen" in stacked.unsupported_reason(frozen)
     inputs = keras.Input((6, 6, 1))
     chain = keras.Model(inputs, L.Dense(2)(L.Flatten()(L.Conv2D(2, 3)(inputs))))
-    assert population(chain).stacked  # a functional chain runs stacked
+    assert population(chain).stacked == (stacked.missing_kernel(chain) is None)  # a chain
     branch = L.Conv2D(1, 3, padding="same")(inputs)
     residual = keras.Model(inputs, L.Flatten()(L.Add()([inputs, branch])))
     assert "chain" in stacked.unsupported_reason(residual)
@@ -128,3 +133,64 @@ def test_auto_execution_and_refusals():
     assert "float16" in stacked.unsupported_reason(half)
     with pytest.raises(ValueError, match="execution='fast' is invalid"):
         population(dense, "fast")
+
+
+def test_devices_without_grouped_convolution_gradients_fall_back(monkeypatch):
+    """On a CPU where TensorFlow leaves oneDNN off (AMD, Apple, older Intel), grouped
+    convolutions have no gradient kernel: "auto" runs vectorized with one warning
+    naming the reason and the oneDNN tip, and an explicit "stacked" refuses at once.
+    The probe is simulated here so the test means the same on every machine."""
+    two_convs = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(2, 3, name="first"),
+                                  L.Conv2D(2, 3, name="second"), L.Flatten(), L.Dense(3)])
+    monkeypatch.setattr(stacked, "_PROBED", {})
+
+    def no_grouped_gradients(input_gradient, *args):  # a device with filter gradients only
+        return "Gradients for grouped convolutions are not supported on CPU" \
+            if input_gradient else None
+
+    monkeypatch.setattr(stacked, "_probe", no_grouped_gradients)
+    monkeypatch.setattr(engine, "_WARNED", set())
+    reason = stacked.missing_kernel(two_convs)
+    assert "layer second" in reason and "grouped" in reason
+
+    def population(execution="auto"):
+        return keras_es.Population(two_convs, 2, SPACE, LOSS, engine.SGD("lr"),
+                                   execution=execution)
+
+    with pytest.warns(RuntimeWarning, match="vectorized instead of stacked.*"
+                      "TF_ENABLE_ONEDNN_OPTS=1"):
+        assert not population().stacked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per process, not one per population
+        assert not population().stacked
+    with pytest.raises(ValueError, match="execution='stacked' cannot run here.*grouped"
+                       ".*TF_ENABLE_ONEDNN_OPTS=1"):
+        population("stacked")
+    # One convolution needs no input gradient: it runs stacked on such a device.
+    one_conv = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(2, 3), L.Flatten(),
+                                 L.Dense(3)])
+    assert stacked.missing_kernel(one_conv) is None
+
+
+def test_the_probe_matches_what_this_device_can_run():
+    """The real probe, on this machine: a model whose stacked form it accepts trains a
+    step; one it refuses raises TensorFlow's own error when forced past the probe."""
+    model = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(2, 3),
+                              L.Conv2D(2, 3, dilation_rate=2), L.Flatten(), L.Dense(3)])
+    population = keras_es.Population(model, 2, SPACE, LOSS, engine.SGD("lr"),
+                                     execution="vectorized")
+    population.stacked = True  # bypass the choice: run the stacked step regardless
+    keys = tf.constant([[0, 0], [0, 0]], tf.int32)
+    x = tf.ones([3, 8, 8, 1])
+    y = tf.constant([0, 1, 2])
+
+    def step():
+        return population.train_step(population.init(keys), tf.constant(
+            np.tile(SPACE.encode(), [2, 1]), tf.float32), x, y)
+
+    if stacked.missing_kernel(model) is None:
+        _, loss = step()
+        assert np.all(np.isfinite(loss))
+    else:
+        with pytest.raises(tf.errors.OpError):
+            step()
