@@ -23,6 +23,7 @@ STREAM_PERTURBATION = 1
 STREAM_STEP = 2
 STREAM_EPISODE = 3
 STREAM_SURROGATE = 4
+STREAM_CHOICE = 5
 
 
 def pair_seeds(seed: tf.Tensor | int, stream: int, pair_index: tf.Tensor,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import time
@@ -48,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 from keras_tuner.engine import trial as trial_module
 
-from keras_es import checks
+from keras_es import checks, kt_compat
 from keras_es import estimators as estimators_lib
 from keras_es import noise as noise_lib
 from keras_es.outer import outer_update
@@ -56,6 +57,9 @@ from keras_es.transforms import Logit
 from keras_es.unrolled import UnrolledSystem
 
 _ESTIMATORS = ("es_single", "pes", "truncated_es")
+_HP = keras_tuner.engine.hyperparameters
+# Searched as a categorical distribution whose logits ES moves (one coordinate per value).
+_CATEGORICAL = (_HP.Choice, _HP.Boolean)
 _UNITS = ("steps", "epochs")
 _META_OBJECTIVES = ("sum", "final")
 # Initial values at a range's edge (keras-tuner's default Float is its minimum) would
@@ -94,7 +98,10 @@ class ESOracle(keras_tuner.Oracle):
             trials (fewer during the staggered start).
         sigma: Perturbation scale in theta (logit) units.
         truncation_length: K, steps (or epochs) each trial trains.
-        horizon: T, steps (or epochs) of one inner problem; a multiple of K.
+        horizon: T, steps (or epochs) of one inner problem (one training run); a
+            multiple of K. Default None: the training run ``ESTuner.search`` asks for,
+            ``epochs`` (default 1, as in ``fit``) times the steps of one epoch of its
+            data, rounded to a multiple of K, as keras-tuner users mean ``epochs``.
         unit: ``"steps"`` (K optimizer steps per trial) or ``"epochs"``.
         meta_objective: ``"sum"`` of the objective reported at the end of every trial
             of an inner problem, or ``"final"``: its value at the end of the inner
@@ -128,7 +135,8 @@ class ESOracle(keras_tuner.Oracle):
 
     def __init__(self, objective=None, max_trials: int | None = None,
                  estimator: str = "es_single", num_particles: int = 8, sigma: float = 0.3,
-                 truncation_length: int = 10, horizon: int = 100, unit: str = "steps",
+                 truncation_length: int = 10, horizon: int | None = None,
+                 unit: str = "steps",
                  meta_objective: str = "sum", outer_learning_rate: float = 0.01,
                  outer_optimizer: keras.optimizers.Optimizer | None = None,
                  stagger: bool = True, per_episode: list[str] | None = None,
@@ -142,8 +150,9 @@ class ESOracle(keras_tuner.Oracle):
         checks.num_particles(num_particles)
         checks.positive_float("sigma", sigma)
         checks.positive_int("truncation_length", truncation_length)
-        checks.positive_int("horizon", horizon)
-        if horizon % truncation_length:
+        if horizon is not None:
+            checks.positive_int("horizon", horizon)
+        if horizon is not None and horizon % truncation_length:
             raise ValueError(f"horizon={horizon!r} is invalid; expected a multiple of "
                              f"truncation_length={truncation_length}.")
         if unit not in _UNITS:
@@ -185,15 +194,46 @@ class ESOracle(keras_tuner.Oracle):
         self.per_episode = None if per_episode is None else list(per_episode)
         self.reassign_after = reassign_after
         self.outer_optimizer = outer_optimizer or keras.optimizers.Adam(outer_learning_rate)
-        # The estimator core counts in trials: one window (K = 1) per trial, T / K
-        # windows per inner problem.
-        windows = horizon // truncation_length
-        factory = estimators_lib.ESTIMATORS[estimator]
-        self.estimator = factory(sigma=self.sigma, truncation_length=1, horizon=windows,
-                                 objective=meta_objective, stagger=stagger,
-                                 clip_loss_difference=clip_loss_difference, normalize=normalize)
+        self._estimator_options = {"clip_loss_difference": clip_loss_difference,
+                                   "normalize": normalize}
+        self.horizon_given = horizon is not None
+        self.estimator = None
+        if horizon is not None:
+            self._make_estimator()
         self._es = None  # the search's JSON state, created by the first populate_space
         self._theta_variable = None  # what outer_optimizer updates (value kept in _es)
+
+    def _make_estimator(self) -> None:
+        # The estimator core counts in trials: one window (K = 1) per trial, T / K
+        # windows per inner problem.
+        factory = estimators_lib.ESTIMATORS[self.estimator_name]
+        self.estimator = factory(sigma=self.sigma, truncation_length=1,
+                                 horizon=self.horizon // self.truncation_length,
+                                 objective=self.meta_objective, stagger=self.stagger,
+                                 **self._estimator_options)
+
+    def set_horizon(self, horizon: int) -> None:
+        """Sets T (steps or epochs of one training run) before the search starts; a
+        multiple of ``truncation_length``. `ESTuner.search` calls it from ``epochs``."""
+        checks.positive_int("horizon", horizon)
+        if horizon % self.truncation_length:
+            raise ValueError(f"horizon={horizon!r} is invalid; expected a multiple of "
+                             f"truncation_length={self.truncation_length}.")
+        if self._es is not None and horizon != self.horizon:
+            raise ValueError(
+                f"This search was started with training runs of {self.horizon} "
+                f"{self.unit} and is asked to resume with {horizon}; resume with the same "
+                "epochs (or horizon) or overwrite=True.")
+        self.horizon = horizon
+        self._make_estimator()
+
+    def trials_before_first_update(self) -> int:
+        """Trials the search runs before its first outer step: the staggered
+        start's burn-in (pairs joining one round at a time) and one full round."""
+        offsets = [int(v) for v in self.estimator.start_offsets(self.num_pairs).numpy()]
+        burn_in = max(offsets)
+        waits = [burn_in - o for o in offsets]
+        return sum(2 * (burn_in - w) for w in waits) + self.num_particles
 
     # ------------------------------------------------------------------ public views
     @property
@@ -226,8 +266,12 @@ class ESOracle(keras_tuner.Oracle):
             if key not in plan["trial_ids"]:
                 plan["trial_ids"][key] = trial_id
                 plan["assigned_at"][key] = time.time()
+                meta = plan["meta"][key]
+                self._es["trials"][trial_id] = {
+                    k: meta[k] for k in ("particle", "round", "episode", "window",
+                                         "checkpoint_out")}
                 return {"status": trial_module.TrialStatus.RUNNING,
-                        "values": dict(plan["values"][key])}
+                        "values": self._complete(plan["values"][key])}
         return {"status": trial_module.TrialStatus.IDLE}
 
     @keras_tuner.synchronized
@@ -262,7 +306,9 @@ class ESOracle(keras_tuner.Oracle):
         """The mean-theta trial first, then the best particle trials."""
         mean = self._mean_trial()
         particles = self.get_best_particle_trials(num_trials)
-        if mean is None:
+        if mean is None or mean.score is None:
+            # Before the first outer step: no score to rank the mean by (keras-tuner
+            # would print "Best ... So Far: None").
             return particles
         return [mean] + particles[: max(num_trials - 1, 0)]
 
@@ -279,7 +325,18 @@ class ESOracle(keras_tuner.Oracle):
         super().set_state(state)
         self._es = state.get("es")
         if self._es is not None:
+            if self.estimator is None:  # horizon=None: the saved search's
+                self.horizon = self._es["config"]["horizon"]
+                self._make_estimator()
             self._check_config(self._es["config"])
+            _upgrade(self._es)
+            dim = sum(_width(hp) for hp in self._tuned())
+            if len(self._es["theta"]) != dim:
+                raise ValueError(
+                    f"The saved search's theta has {len(self._es['theta'])} coordinates, this "
+                    f"search space {dim} (since keras_es 0.2 a Choice or Boolean has one "
+                    "logit per value); resume with the keras_es that saved it or "
+                    "overwrite=True.")
             self._restore_optimizer(self._es["optimizer"])
 
     # ------------------------------------------------------------------ search state
@@ -314,10 +371,27 @@ class ESOracle(keras_tuner.Oracle):
         if not tuned:
             raise ValueError("The search space has no tunable hyperparameter (only Fixed or "
                              "none); ESOracle needs at least one.")
-        theta = []
+        if self.estimator is None:
+            raise ValueError("horizon=None: the length of a training run is not known yet; "
+                             "run the search through ESTuner.search(..., epochs=...), which "
+                             "sets it, or pass horizon= to ESOracle.")
+        theta, moved = [], []
         for hp in tuned:
-            prob = float(np.clip(hp.value_to_prob(hp.default), _EDGE, 1.0 - _EDGE))
+            if isinstance(hp, _CATEGORICAL):
+                theta.extend(_initial_logits(hp))
+                continue
+            prob = float(hp.value_to_prob(hp.default))
+            if hp.default == hp.min_value and hp.max_value > hp.min_value:
+                # keras-tuner's default for a range without default= is its minimum (and
+                # it keeps no record of whether one was given): a corner, not a guess.
+                prob = 0.5
+                moved.append(f"{hp.name}={_format(_plain(hp.prob_to_value(prob)))}")
+            prob = float(np.clip(prob, _EDGE, 1.0 - _EDGE))
             theta.append(float(_LOGIT.encode(np.float64(prob))))
+        if moved:
+            print("ESOracle: ranges whose default is their minimum (keras-tuner's default "
+                  f"when none is given) start mid-range instead: {', '.join(moved)}. Pass a "
+                  "default=... inside the range to start there.")
         dim = len(theta)
         held = self.per_episode
         if held is None:
@@ -342,6 +416,7 @@ class ESOracle(keras_tuner.Oracle):
             "wait": [max(offsets) - o for o in offsets],
             "round_index": 0,
             "outer_step": 0,
+            "trials": {},
             "particles": [{"checkpoint": "", "previous": "", "held": {}}
                           for _ in range(self.num_particles)],
             "history": [],
@@ -387,49 +462,101 @@ class ESOracle(keras_tuner.Oracle):
         episode_step = state.episode_step.numpy()
         steps = state.steps.numpy()
         credited = es["round_index"] >= es["burn_in"]
-        particles, values = [], {}
+        particles, values, meta = [], {}, {}
+        dim = len(es["theta"])
         for i in range(self.num_particles):
             p = i // 2
             if not active[p]:
                 continue
             record = es["particles"][i]
-            decoded = self._decode(thetas[i])
+            decoded = self._decode(thetas[i], self._gumbel(p, int(episode[p]), dim))
             if episode_step[p] == 0:
                 record["held"] = {n: decoded[n] for n in es["per_episode"] if n in decoded}
             decoded.update({n: v for n, v in record["held"].items() if n in decoded})
             out = (f"particle_{i:03d}/episode_{int(episode[p]):05d}_"
                    f"window_{int(episode_step[p]) + 1:05d}.weights.h5")
-            decoded.update({
-                PREFIX + "particle": i,
-                PREFIX + "round": es["round_index"],
-                PREFIX + "outer_step": es["outer_step"],
-                PREFIX + "credited": credited,
-                PREFIX + "episode": int(episode[p]),
-                PREFIX + "window": int(episode_step[p]),
-                PREFIX + "checkpoint_in": record["checkpoint"] if episode_step[p] else "",
-                PREFIX + "checkpoint_out": out,
-                PREFIX + "checkpoint_stale": record["previous"],
-                PREFIX + "init_seed": _int_seed(self._seed(), noise_lib.STREAM_EPISODE, p,
-                                                int(episode[p])),
-                PREFIX + "data_seed": _int_seed(self._seed(), noise_lib.STREAM_STEP, p,
-                                                int(steps[p])),
-                PREFIX + "truncation_length": self.truncation_length,
-                PREFIX + "unit": self.unit,
-            })
+            meta[str(i)] = {
+                "particle": i,
+                "round": es["round_index"],
+                "outer_step": es["outer_step"],
+                "credited": credited,
+                "episode": int(episode[p]),
+                "window": int(episode_step[p]),
+                "checkpoint_in": record["checkpoint"] if episode_step[p] else "",
+                "checkpoint_out": out,
+                "checkpoint_stale": record["previous"],
+                "init_seed": _int_seed(self._seed(), noise_lib.STREAM_EPISODE, p,
+                                       int(episode[p])),
+                "data_seed": _int_seed(self._seed(), noise_lib.STREAM_STEP, p, int(steps[p])),
+                "truncation_length": self.truncation_length,
+                "unit": self.unit,
+            }
+            if _distributed():
+                # Workers learn a trial only through its values (keras-tuner's gRPC).
+                decoded.update({PREFIX + k: v for k, v in meta[str(i)].items()})
             particles.append(i)
             values[str(i)] = decoded
-        es["round"] = {"particles": particles, "values": values, "trial_ids": {},
-                       "assigned_at": {}, "results": {}}
+        es["round"] = {"particles": particles, "values": values, "meta": meta,
+                       "trial_ids": {}, "assigned_at": {}, "results": {}}
+
+    def trial_metadata(self, trial_id: str) -> dict | None:
+        """What ESTuner needs to run trial ``trial_id``, kept out of its hyperparameter
+        values (so keras-tuner's per-trial table shows only the user's): ``particle``,
+        ``round``, ``episode``, ``window``, the checkpoints to read, write and delete
+        (relative to the tuner's checkpoint directory), the initialization and data
+        seeds, ``truncation_length`` and ``unit``. None for a trial ESOracle did not
+        plan. Trials of past rounds keep only ``particle``, ``round``, ``episode``,
+        ``window`` and ``checkpoint_out``."""
+        if self._es is None:
+            return None
+        record = self._es.get("trials", {}).get(trial_id)
+        if record is not None:
+            plan = self._es["round"]
+            key = str(record["particle"])
+            if record["round"] == self._es["round_index"] and \
+                    plan["trial_ids"].get(key) == trial_id:
+                return dict(plan["meta"][key])
+            return dict(record)
+        trial = self.trials.get(trial_id)  # distributed mode, or a search saved before 0.2
+        if trial is None:
+            return None
+        values = trial.hyperparameters.values
+        meta = {k[len(PREFIX):]: v for k, v in values.items() if k.startswith(PREFIX)}
+        return meta or None
+
+    def _gumbel(self, pair: int, episode: int, dim: int) -> np.ndarray:
+        """Gumbel noise ``[dim]`` for pair ``pair``'s inner problem ``episode``: twins
+        share it (common random numbers), and it is redrawn when the episode restarts."""
+        key = noise_lib.pair_seeds(self._seed(), noise_lib.STREAM_CHOICE, tf.constant([pair]),
+                                   tf.constant([episode]))[0]
+        u = tf.random.stateless_uniform([dim], key, 1e-7, 1.0 - 1e-7).numpy()
+        return -np.log(-np.log(u.astype(np.float64)))
 
     def _seed(self) -> int:
         return int(self.seed)
 
-    def _decode(self, theta) -> dict:
-        """theta -> plain Python values of the hyperparameters active for these values."""
+    def _decode(self, theta, gumbel=None) -> dict:
+        """theta -> plain Python values of the hyperparameters active for these values.
+
+        A Choice or Boolean takes the value whose logit (plus ``gumbel``, when given) is
+        largest: with Gumbel noise that is a draw from the softmax of its logits; without,
+        the most likely value.
+        """
         tuned = self._tuned()
-        probs = np.clip(_LOGIT.decode(np.asarray(theta, np.float64)), 0.0, 1.0 - 1e-9)
-        decoded = {hp.name: _plain(hp.prob_to_value(float(prob)))
-                   for hp, prob in zip(tuned, probs, strict=True)}
+        theta = np.asarray(theta, np.float64)
+        decoded, start = {}, 0
+        for hp in tuned:
+            width = _width(hp)
+            coordinates = theta[start:start + width]
+            if isinstance(hp, _CATEGORICAL):
+                if gumbel is not None:
+                    coordinates = coordinates + gumbel[start:start + width]
+                value = _choices(hp)[int(np.argmax(coordinates))]
+            else:
+                prob = float(np.clip(_LOGIT.decode(coordinates[0]), 0.0, 1.0 - 1e-9))
+                value = hp.prob_to_value(prob)
+            decoded[hp.name] = _plain(value)
+            start += width
         hps = keras_tuner.HyperParameters()
         values = {}
         for hp in self.hyperparameters.space:
@@ -440,21 +567,35 @@ class ESOracle(keras_tuner.Oracle):
                 values[hp.name] = value
         return values
 
+    def _complete(self, values: dict) -> dict:
+        """``values`` plus the default of every hyperparameter that appeared in the
+        space after they were planned (e.g. ``units_1`` once a model with two layers
+        was built) and is active for them: such entries are not tuned, and a trial
+        must not be left to fill them in by itself."""
+        values = dict(values)
+        hps = keras_tuner.HyperParameters()
+        for hp in self.hyperparameters.space:
+            hps.merge([hp])
+            hps.values[hp.name] = values.get(hp.name, _plain(hp.default))
+            if hp.name not in values and hps.is_active(hp):
+                values[hp.name] = _plain(hp.default)
+        return values
+
     def _record(self, trial) -> None:
         """Stores a finished particle trial's result; completes the round when all are in."""
         es = self._es
         if es is None:
             return
         plan = es["round"]
-        values = self.trials[trial.trial_id].hyperparameters.values
-        i = values.get(PREFIX + "particle")
-        if (i is None or values.get(PREFIX + "round") != es["round_index"]
+        meta = self.trial_metadata(trial.trial_id) or {}
+        i = meta.get("particle")
+        if (i is None or meta.get("round") != es["round_index"]
                 or plan["trial_ids"].get(str(i)) != trial.trial_id
                 or str(i) in plan["results"]):
             return
         status = trial.status
         if status == trial_module.TrialStatus.INVALID:
-            retries_left = (self._run_times[trial.trial_id] + 1
+            retries_left = (kt_compat.retries_used(self, trial.trial_id) + 1
                             < self.max_retries_per_trial + 1)
             if retries_left:
                 return  # keras-tuner will run it again
@@ -529,7 +670,7 @@ class ESOracle(keras_tuner.Oracle):
                 # The inner problem restarts (horizon reached or a non-finite loss).
                 record["checkpoint"] = ""
             else:
-                record["checkpoint"] = plan["values"][str(i)][PREFIX + "checkpoint_out"]
+                record["checkpoint"] = plan["meta"][str(i)]["checkpoint_out"]
         es["estimator"] = _to_json(state)
         es["round_index"] += 1
         self._plan_round()
@@ -537,7 +678,7 @@ class ESOracle(keras_tuner.Oracle):
     def _reassign(self, tuner_id):
         """Hands a trial that has not reported for ``reassign_after`` s to ``tuner_id``."""
         if (self.reassign_after is None or self._es is None or tuner_id in self.ongoing_trials
-                or self._retry_queue):
+                or kt_compat.has_retry_queued(self)):
             return None
         plan = self._es["round"]
         if len(plan["trial_ids"]) < len(plan["particles"]):
@@ -559,7 +700,7 @@ class ESOracle(keras_tuner.Oracle):
             trial.status = trial_module.TrialStatus.RUNNING
             self.ongoing_trials[tuner_id] = trial
             self.save()
-            self._display.on_trial_begin(trial)
+            kt_compat.display_trial_begin(self, trial)
             return trial
         return None
 
@@ -653,10 +794,35 @@ class ESTuner(keras_tuner.Tuner):
     def checkpoint_dir(self) -> str:
         return os.path.join(self.project_dir, "es_checkpoints")
 
+    def search(self, *fit_args, **fit_kwargs):
+        """Runs the search, as `keras_tuner.Tuner.search` does.
+
+        ``epochs`` means what it means to every keras-tuner user: the length of the
+        training run being tuned. With ``horizon=None`` (the default) it sets T,
+        ``epochs`` x the steps of one epoch of ``x``; each trial still trains
+        ``truncation_length`` steps of one such run. Before any work starts, a
+        ``max_trials`` too small for one outer step is refused, and the plan
+        (trials per outer step, outer steps within ``max_trials``) is printed.
+        """
+        oracle = self.oracle
+        if isinstance(oracle, ESOracle):  # not on a distributed worker: the chief plans
+            _plan_search(oracle, fit_args, fit_kwargs)
+        return super().search(*fit_args, **fit_kwargs)
+
+    def _metadata(self, trial) -> dict:
+        values = trial.hyperparameters.values
+        meta = {k[len(PREFIX):]: v for k, v in values.items() if k.startswith(PREFIX)}
+        if not meta and isinstance(self.oracle, ESOracle):
+            meta = self.oracle.trial_metadata(trial.trial_id) or {}
+        return meta
+
+    def _path(self, relative: str) -> str:
+        return os.path.join(self.checkpoint_dir, relative)
+
     def run_trial(self, trial, *args, **kwargs):
         hp = trial.hyperparameters
-        es = {k[len(PREFIX):]: v for k, v in hp.values.items() if k.startswith(PREFIX)}
-        if not es:
+        es = self._metadata(trial)
+        if "checkpoint_out" not in es:
             raise keras_tuner.errors.FatalError(
                 "ESTuner got a trial without ESOracle's values; use it with keras_es.ESOracle.")
         # Fresh layer names for every build; skip its gc.collect() (0.4 s a trial here).
@@ -667,7 +833,7 @@ class ESTuner(keras_tuner.Tuner):
             raise keras_tuner.errors.FatalTypeError(
                 f"The hypermodel returned {model!r}; expected a compiled keras.Model.")
         if es["checkpoint_in"]:
-            self._restore(model, os.path.join(self.checkpoint_dir, es["checkpoint_in"]))
+            self._restore(model, self._path(es["checkpoint_in"]))
         keras.utils.set_random_seed(es["data_seed"])
         kwargs = dict(kwargs)
         if es["unit"] == "steps":
@@ -678,15 +844,23 @@ class ESTuner(keras_tuner.Tuner):
         kwargs.setdefault("verbose", 0)
         history = self.hypermodel.fit(hp, model, *args, **kwargs)
         logs = history.history if isinstance(history, keras.callbacks.History) else history
-        out = os.path.join(self.checkpoint_dir, es["checkpoint_out"])
+        out = self._path(es["checkpoint_out"])
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        partial = out[: -len(".weights.h5")] + f".partial{os.getpid()}.weights.h5"
-        model.save_weights(partial)
-        os.replace(partial, out)
+        partial = f"{out[: -len('.weights.h5')]}.partial{os.getpid()}"
+        # The build config first (a Sequential without an Input is built from data, and
+        # a checkpoint loads only into a built model), then the weights, each written to
+        # a new file and renamed: a kill leaves the previous pair intact.
+        with open(partial + ".json", "w") as f:
+            json.dump(model.get_build_config(), f)
+        os.replace(partial + ".json", _build_config_path(out))
+        model.save_weights(partial + ".weights.h5")
+        os.replace(partial + ".weights.h5", out)
         if es["checkpoint_stale"]:
+            stale = self._path(es["checkpoint_stale"])
             # A reassigned trial may run twice at once: the other run may delete it first.
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.checkpoint_dir, es["checkpoint_stale"]))
+            for path in (stale, _build_config_path(stale)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
         if isinstance(logs, dict):
             return {k: float(v[-1]) if isinstance(v, (list, tuple)) else float(v)
                     for k, v in logs.items()}
@@ -698,6 +872,15 @@ class ESTuner(keras_tuner.Tuner):
         if optimizer is None:
             raise ValueError("The hypermodel's model is not compiled; ESTuner needs an "
                              "optimizer to carry its state between trials.")
+        if not model.built:
+            config = _build_config_path(path)
+            if not os.path.exists(config):
+                raise ValueError(
+                    f"The model is not built and {config} (its build config) is missing; "
+                    "give the model an Input, or resume with the keras_es that saved "
+                    f"{path}.")
+            with open(config) as f:
+                model.build_from_config(json.load(f))
         optimizer.build(model.trainable_variables)
         # The checkpoint holds the optimizer's scalars too (the learning rate): keep the
         # trial's, restore only weights, slots and the iteration count.
@@ -709,17 +892,18 @@ class ESTuner(keras_tuner.Tuner):
 
     def load_model(self, trial):
         """The model of a particle trial, with the weights that trial saved."""
-        values = trial.hyperparameters.values
-        if PREFIX + "checkpoint_out" not in values:
+        relative = self._metadata(trial).get("checkpoint_out")
+        if not relative:
             raise ValueError(
                 f"Trial {trial.trial_id!r} has no trained weights: the mean theta is never "
                 "trained as such. Build it with tuner.hypermodel.build(best_hp) and fit it, "
                 "or use get_best_models(), which returns the best particle models.")
-        path = os.path.join(self.checkpoint_dir, values[PREFIX + "checkpoint_out"])
+        path = self._path(relative)
         if not os.path.exists(path):
             raise ValueError(
                 f"Trial {trial.trial_id!r}'s checkpoint {path} was deleted: ESTuner keeps only "
                 "each particle's latest checkpoint and the last one of every inner problem.")
+        keras.backend.clear_session(free_memory=False)
         model = self.hypermodel.build(trial.hyperparameters)
         self._restore(model, path)
         return model
@@ -728,8 +912,8 @@ class ESTuner(keras_tuner.Tuner):
         """The best particle models whose checkpoints are still on disk, best first."""
         models = []
         for trial in self.oracle.get_best_particle_trials(len(self.oracle.trials)):
-            path = trial.hyperparameters.values.get(PREFIX + "checkpoint_out")
-            if path and os.path.exists(os.path.join(self.checkpoint_dir, path)):
+            relative = self._metadata(trial).get("checkpoint_out")
+            if relative and os.path.exists(self._path(relative)):
                 models.append(self.load_model(trial))
             if len(models) == num_models:
                 break
@@ -799,7 +983,7 @@ class ESSearch(ESTuner):
 
     def __init__(self, hypermodel=None, objective=None, max_trials=None,
                  estimator="es_single", num_particles=8, sigma=0.3, truncation_length=10,
-                 horizon=100, unit="steps", meta_objective="sum", outer_learning_rate=0.01,
+                 horizon=None, unit="steps", meta_objective="sum", outer_learning_rate=0.01,
                  outer_optimizer=None, stagger=True, per_episode=None,
                  clip_loss_difference=None, normalize=False, reassign_after=None, seed=None,
                  hyperparameters=None, tune_new_entries=True, allow_new_entries=True,
@@ -819,6 +1003,119 @@ class ESSearch(ESTuner):
 
 
 # ---------------------------------------------------------------------- helpers
+def _steps_per_epoch(fit_args, fit_kwargs) -> int | None:
+    """Batches in one epoch of ``fit``'s training data, or None if it cannot tell."""
+    if fit_kwargs.get("steps_per_epoch"):
+        return int(fit_kwargs["steps_per_epoch"])
+    x = fit_args[0] if fit_args else fit_kwargs.get("x")
+    batch_size = fit_kwargs.get("batch_size") or (fit_args[2] if len(fit_args) > 2 else None)
+    if isinstance(x, tf.data.Dataset):
+        count = int(x.cardinality())
+        return count if count > 0 else None
+    if isinstance(x, keras.utils.PyDataset):
+        try:
+            return len(x)
+        except (TypeError, NotImplementedError):
+            return None
+    if isinstance(x, dict) and x:
+        x = next(iter(x.values()))
+    if isinstance(x, (list, tuple)) and x:
+        x = x[0]
+    if getattr(x, "shape", None) is None or not len(x.shape):
+        return None  # a generator or something else fit takes without a length
+    rows = int(x.shape[0])
+    split = fit_kwargs.get("validation_split") or 0.0
+    rows = int(math.floor(rows * (1.0 - split)))
+    return max(1, math.ceil(rows / (batch_size or 32)))
+
+
+def _plan_search(oracle: ESOracle, fit_args, fit_kwargs) -> None:
+    """Sets T from ``search(epochs=...)`` when the oracle has no horizon, refuses an
+    ``epochs`` that contradicts a given horizon and a ``max_trials`` too small for one
+    outer step, and prints the plan, all before any trial runs."""
+    epochs = fit_kwargs.get("epochs", fit_args[3] if len(fit_args) > 3 else None)
+    if epochs is not None:
+        checks.positive_int("epochs", epochs)
+    length, unit = oracle.truncation_length, oracle.unit
+    per_epoch = 1 if unit == "epochs" else _steps_per_epoch(fit_args, fit_kwargs)
+    asked = None if per_epoch is None else (epochs or 1) * per_epoch
+    if oracle.horizon_given:
+        if epochs is not None and asked is not None and asked != oracle.horizon:
+            raise ValueError(
+                f"search(epochs={epochs}) asks for training runs of {asked} {unit}, but this "
+                f"ESSearch was built with horizon={oracle.horizon} {unit}; drop one of the "
+                "two (horizon is the length of one training run).")
+    else:
+        if asked is None:
+            raise ValueError(
+                "ESSearch cannot tell how many steps one epoch of this data has (a generator "
+                "or a dataset of unknown length); pass steps_per_epoch=... to search(), or "
+                "horizon=... (steps of one training run) to ESSearch.")
+        horizon = max(length, round(asked / length) * length)
+        oracle.set_horizon(horizon)
+        if horizon != asked:
+            print(f"ESSearch: training runs of {horizon} {unit} ({asked} rounded to a "
+                  f"multiple of truncation_length={length}).")
+    first = oracle.trials_before_first_update()
+    if oracle._es is None and oracle.max_trials is not None and oracle.max_trials < first:
+        raise ValueError(
+            f"max_trials={oracle.max_trials} is too small: each trial trains one particle "
+            f"for {length} {unit}, and the first outer step needs {first} trials "
+            f"({oracle.num_particles} particles, plus the staggered start's burn-in). Pass "
+            f"max_trials >= {first} (one more outer step per {oracle.num_particles} trials), "
+            "fewer num_particles, or stagger=False.")
+    if oracle._es is None and oracle.max_trials is not None:
+        steps = (oracle.max_trials - first) // oracle.num_particles + 1
+        print(f"ESSearch: {oracle.num_particles} particles, training runs of {oracle.horizon} "
+              f"{unit}, {length} {unit} per trial: the first outer step after {first} trials, "
+              f"then one every {oracle.num_particles}; max_trials={oracle.max_trials} gives "
+              f"{steps} outer steps.")
+
+
+def _build_config_path(checkpoint: str) -> str:
+    """Where the build config of a ``.weights.h5`` checkpoint is kept."""
+    return checkpoint[: -len(".weights.h5")] + ".build.json"
+
+
+def _choices(hp) -> list:
+    return [False, True] if isinstance(hp, _HP.Boolean) else list(hp.values)
+
+
+def _width(hp) -> int:
+    """theta coordinates of ``hp``: one logit per value of a Choice or Boolean, else
+    one (the logit of keras-tuner's [0, 1] relaxation)."""
+    return len(_choices(hp)) if isinstance(hp, _CATEGORICAL) else 1
+
+
+def _initial_logits(hp) -> list[float]:
+    """Starting logits of a Choice or Boolean: the default value gets probability 0.6
+    of two, or 1/2 of more, and the others share the rest. So the mean decodes to the
+    default, and every value is drawn from the first round on (a bucket of
+    keras-tuner's [0, 1] relaxation would start several sigmas from the next value
+    and almost never cross it)."""
+    choices = _choices(hp)
+    default = choices.index(hp.default) if hp.default in choices else 0
+    first = 0.6 if len(choices) == 2 else 0.5
+    rest = (1.0 - first) / max(len(choices) - 1, 1)
+    return [math.log(first if k == default else rest) for k in range(len(choices))]
+
+
+def _distributed() -> bool:
+    """Whether keras-tuner runs distributed (its chief/worker environment is set)."""
+    return bool(os.environ.get("KERASTUNER_ORACLE_IP"))
+
+
+def _upgrade(es: dict) -> None:
+    """Brings a search state saved by keras_es 0.1 (particle metadata among the trial
+    values) to this version's layout, in place."""
+    es.setdefault("trials", {})
+    plan = es.get("round")
+    if plan is not None and "meta" not in plan:
+        plan["meta"] = {key: {k[len(PREFIX):]: v for k, v in values.items()
+                              if k.startswith(PREFIX)}
+                        for key, values in plan["values"].items()}
+
+
 def _to_json(state) -> list:
     """An `EstimatorState` as nested lists of plain numbers (exact for float32/int32)."""
     return [np.asarray(t).tolist() for t in tf.nest.flatten(state)]

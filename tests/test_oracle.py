@@ -47,19 +47,28 @@ def _oracle(**kwargs):
     return oracle
 
 
+def _values(oracle, trial):
+    """A trial's hyperparameter values and, under ``es/``, ESOracle's metadata for it
+    (kept out of the values keras-tuner shows)."""
+    meta = oracle.trial_metadata(trial.trial_id)
+    return {**trial.hyperparameters.values, **{PREFIX + k: v for k, v in meta.items()}}
+
+
 def _run_round(oracle, loss_fn, tuner="t0"):
-    """Creates, scores and ends every trial of the current round (no training)."""
+    """Creates, scores and ends every trial of the current round (no training); each
+    returned trial has ``es_values``, its values with ESOracle's metadata."""
     plan_round = oracle._es["round_index"] if oracle._es else 0
     trials = []
     while True:
         trial = oracle.create_trial(tuner)
         if trial.status != "RUNNING":
             break
-        values = trial.hyperparameters.values
+        values = _values(oracle, trial)
         if values[PREFIX + "round"] != plan_round:
             # Already the next round's first trial: give it back for the next call.
             oracle.ongoing_trials[tuner] = trial
             break
+        trial.es_values = values  # as the tuner saw it (past rounds keep less metadata)
         oracle.update_trial(trial.trial_id, {"val_loss": loss_fn(values)})
         trial.status = "COMPLETED"
         oracle.end_trial(trial)
@@ -112,7 +121,10 @@ def test_trials_get_plain_decoded_values(tmp_oracle):
     # Fixed stays out of theta; the inactive conditional child is not sent.
     assert oracle._es["config"]["names"] == ["lr", "decay", "dropout", "units", "activation",
                                              "batch_norm", "leak"]
-    assert "leak" not in values and values["activation"] == "tanh"
+    # A Choice is drawn from its categorical distribution; the conditional child is
+    # sent only when its parent's drawn value activates it.
+    assert values["activation"] in ("relu", "tanh")
+    assert ("leak" in values) == (values["activation"] == "relu")
     assert values["epochs"] == 3
     assert 1e-4 <= values["lr"] <= 1.0 and 1e-4 <= values["decay"] <= 0.5
     assert values["units"] % 8 == 0 and 8 <= values["units"] <= 64
@@ -131,8 +143,7 @@ def test_trials_get_plain_decoded_values(tmp_oracle):
 def test_twins_share_initialization_and_data_keys(tmp_oracle):
     oracle = tmp_oracle()
     trials = _run_round(oracle, _quadratic)
-    by_particle = {t.hyperparameters.values[PREFIX + "particle"]: t.hyperparameters.values
-                   for t in trials}
+    by_particle = {t.es_values[PREFIX + "particle"]: t.es_values for t in trials}
     assert sorted(by_particle) == [0, 1, 2, 3]
     for p in range(2):
         plus, minus = by_particle[2 * p], by_particle[2 * p + 1]
@@ -162,7 +173,7 @@ def test_update_is_the_estimator_cores(tmp_oracle):
     assert len(reported) == 4
     eps = 0.3 * noise.normal_rows(
         noise.pair_seeds(7, noise.STREAM_PERTURBATION, tf.range(2), tf.zeros([2], tf.int32)),
-        7).numpy().astype(np.float64)
+        len(theta0)).numpy().astype(np.float64)  # 9: one logit per Choice/Boolean value
     for p in range(2):
         for sign, i in ((1.0, 2 * p), (-1.0, 2 * p + 1)):
             expected = oracle._decode(theta0 + sign * eps[p])
@@ -181,7 +192,7 @@ def test_search_descends_and_holds_architecture_within_episodes(tmp_oracle):
     held = {}
     for _ in range(30):
         for trial in _run_round(oracle, _quadratic):
-            v = trial.hyperparameters.values
+            v = trial.es_values
             key = (v[PREFIX + "particle"], v[PREFIX + "episode"])
             arch = (v["units"], v["activation"], v["batch_norm"])
             assert held.setdefault(key, arch) == arch  # PES redraws, the shape stays
@@ -203,9 +214,9 @@ def test_non_finite_loss_invalidates_the_pair_and_restarts_it(tmp_oracle):
     assert oracle.history[-1]["valid_pairs"] == 1
     assert oracle.history[-1]["diverged_pairs"] == 1
     assert np.all(np.isfinite(oracle.theta))
-    nxt = oracle._es["round"]["values"]
-    assert nxt["0"][PREFIX + "checkpoint_in"] == "" and nxt["0"][PREFIX + "episode"] == 1
-    assert nxt["2"][PREFIX + "checkpoint_in"] != "" and nxt["2"][PREFIX + "episode"] == 0
+    nxt = oracle._es["round"]["meta"]
+    assert nxt["0"]["checkpoint_in"] == "" and nxt["0"]["episode"] == 1
+    assert nxt["2"]["checkpoint_in"] != "" and nxt["2"]["episode"] == 0
     json.dumps(oracle.get_state(), allow_nan=False)
 
 
@@ -263,7 +274,8 @@ def test_trials_continue_particles_with_their_optimizer_state(tmp_path):
     trials = tuner.oracle.trials.values()
     assert len(trials) == 14 and all(t.status == "COMPLETED" for t in trials)
     for trial in trials:
-        v = trial.hyperparameters.values
+        v = _values(tuner.oracle, trial)
+        assert not any(k.startswith(PREFIX) for k in trial.hyperparameters.values)
         m = trial.metrics
         assert m.get_last_value("start_iteration") == 3 * v[PREFIX + "window"]
         assert m.get_last_value("start_lr") == pytest.approx(v["lr"], rel=1e-6)
@@ -406,3 +418,99 @@ def test_tuner_backs_off_while_the_oracle_is_idle(tmp_path, monkeypatch):
     tuner.pre_create_trial()
     tuner.pre_create_trial()
     assert slept[3:] == [0.1]
+
+
+# ---------------------------------------------------------------------- keras-tuner's guide
+def _getting_started_build_model(hp):
+    """keras-tuner's getting-started hypermodel, verbatim (a Sequential without Input)."""
+    from keras import layers
+
+    model = keras.Sequential()
+    model.add(layers.Flatten())
+    # Tune the number of layers.
+    for i in range(hp.Int("num_layers", 1, 3)):
+        model.add(
+            layers.Dense(
+                # Tune number of units separately.
+                units=hp.Int(f"units_{i}", min_value=32, max_value=512, step=32),
+                activation=hp.Choice("activation", ["relu", "tanh"]),
+            )
+        )
+    if hp.Boolean("dropout"):
+        model.add(layers.Dropout(rate=0.25))
+    model.add(layers.Dense(10, activation="softmax"))
+    learning_rate = hp.Float("lr", min_value=1e-4, max_value=1e-2, sampling="log")
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _digits_like(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    x = rng.normal(size=(n, 8, 8)).astype("float32") * 0.3
+    x[np.arange(n), y % 8, y // 8 * 2] += 2.0  # one bright pixel per class
+    return x, keras.utils.to_categorical(y, 10)
+
+
+@pytest.mark.slow
+def test_the_getting_started_swap_is_literal(tmp_path, capsys):
+    x_train, y_train = _digits_like(320, 0)
+    x_val, y_val = _digits_like(96, 1)
+    tuner = keras_es.ESSearch(
+        hypermodel=_getting_started_build_model,
+        objective="val_accuracy",
+        max_trials=40,
+        executions_per_trial=1,
+        overwrite=True,
+        directory=str(tmp_path),
+        project_name="helloworld",
+    )
+    tuner.search_space_summary()
+    tuner.search(x_train, y_train, epochs=2, validation_data=(x_val, y_val))
+    out = capsys.readouterr().out
+    oracle = tuner.oracle
+    # epochs=2 of 10 batches: training runs of T = 20 steps, trials of K = 10 steps.
+    assert oracle.horizon == 20 and "training runs of 20 steps" in out
+    assert oracle._es["outer_step"] >= 2
+    assert "So Far: None" not in out and "es/" not in out
+    assert "start mid-range" in out and "units_0=288" in out and "lr=0.001" in out
+    trials = list(oracle.trials.values())
+    # Choice and Boolean values are drawn from their distributions, not frozen.
+    assert {t.hyperparameters.values["activation"] for t in trials} == {"relu", "tanh"}
+    assert {t.hyperparameters.values["dropout"] for t in trials} == {False, True}
+    models = tuner.get_best_models(num_models=2)
+    assert len(models) == 2 and all(m.built for m in models)
+    models[0].summary()
+    tuner.results_summary()
+    best_hps = tuner.get_best_hyperparameters(5)
+    model = _getting_started_build_model(best_hps[0])
+    model.fit(x_train, y_train, epochs=1, verbose=0)
+    assert best_hps[0].values == oracle.mean_values()
+
+
+def test_the_search_refuses_a_budget_or_epochs_it_cannot_honour(tmp_path):
+    x, y = _digits_like(64, 0)
+    small = keras_es.ESSearch(_getting_started_build_model, objective="val_accuracy",
+                              max_trials=3, directory=str(tmp_path), project_name="a")
+    with pytest.raises(ValueError, match=r"max_trials=3 is too small.*max_trials >= \d+"):
+        small.search(x, y, epochs=2, validation_data=(x, y))
+    assert not small.oracle.trials  # refused before any work
+    fixed = keras_es.ESSearch(_getting_started_build_model, objective="val_accuracy",
+                              max_trials=100, horizon=30, directory=str(tmp_path),
+                              project_name="b")
+    with pytest.raises(ValueError, match=r"search\(epochs=5\) asks for training runs of 10 "
+                                         r"steps.*horizon=30"):
+        fixed.search(x, y, epochs=5, batch_size=32, validation_data=(x, y))
+
+    def generator():
+        while True:
+            yield x[:8], y[:8]
+
+    unknown = keras_es.ESSearch(_getting_started_build_model, objective="val_accuracy",
+                                max_trials=100, directory=str(tmp_path), project_name="c")
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        unknown.search(generator(), epochs=2, validation_data=(x, y))

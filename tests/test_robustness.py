@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -194,3 +196,56 @@ def test_bad_trainer_settings_raise():
 
     with pytest.raises(ValueError, match="meta_loss"):
         keras_es.MetaTrainer(NoMeta(), keras_es.pes(0.1, 1, objective="final"), [0.5], 8)
+
+
+def test_one_huge_finite_estimate_is_undone_and_does_not_freeze_theta():
+    """A finite but huge estimate overflows Adam's second moment: the update is undone,
+    theta *and* the optimizer's slots restored, so the next estimate moves theta (it
+    froze theta for the rest of the run when only theta was guarded)."""
+    optimizer = keras.optimizers.Adam(0.1)
+    theta = keras.Variable(np.zeros(2, np.float32))
+    optimizer.build([theta])
+    update = keras_es.outer.outer_update
+    assert bool(update(optimizer, theta, tf.constant([1.0, -1.0]), 4))
+    moved = theta.numpy().copy()
+    slots = [v.numpy().copy() for v in optimizer.variables]
+    assert not bool(update(optimizer, theta, tf.constant([3e30, 1.0]), 4))
+    np.testing.assert_array_equal(theta.numpy(), moved)
+    for variable, saved in zip(optimizer.variables, slots, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), saved)
+    assert bool(update(optimizer, theta, tf.constant([1.0, -1.0]), 4))
+    assert np.all(theta.numpy() != moved) and np.all(np.isfinite(theta.numpy()))
+    # No valid pair, or a non-finite estimate: skipped, nothing touched.
+    before = theta.numpy().copy()
+    assert not bool(update(optimizer, theta, tf.constant([1.0, 1.0]), 0))
+    assert not bool(update(optimizer, theta, tf.constant([np.nan, 1.0]), 4))
+    np.testing.assert_array_equal(theta.numpy(), before)
+
+
+def test_the_oracle_skips_a_round_where_every_pair_diverged(tmp_path):
+    """ESOracle applies the same rule as MetaTrainer: without a valid pair, no update
+    (Adam would otherwise coast on its momentum), and theta stays finite."""
+    import keras_tuner as kt
+
+    space = kt.HyperParameters()
+    space.Float("lr", 1e-4, 1.0, sampling="log", default=0.01)
+    oracle = keras_es.ESOracle(objective="val_loss", max_trials=100, num_particles=4,
+                               sigma=0.3, truncation_length=1, horizon=4, seed=0,
+                               stagger=False, hyperparameters=space,
+                               outer_optimizer=keras.optimizers.Adam(0.5))
+    oracle._set_project_dir(str(tmp_path), "p")
+
+    def run_round(loss):
+        for _ in range(4):
+            trial = oracle.create_trial("t")
+            oracle.update_trial(trial.trial_id, {"val_loss": loss(trial)})
+            trial.status = "COMPLETED"
+            oracle.end_trial(trial)
+
+    for _ in range(2):  # Adam builds momentum
+        run_round(lambda t: (np.log10(t.hyperparameters.values["lr"]) + 1.0) ** 2)
+    theta, state = oracle.theta.copy(), json.dumps(oracle._es["optimizer"])
+    run_round(lambda t: float("nan"))
+    assert oracle.history[-1]["valid_pairs"] == 0 and not oracle.history[-1]["updated"]
+    np.testing.assert_array_equal(oracle.theta, theta)
+    assert json.dumps(oracle._es["optimizer"]) == state
