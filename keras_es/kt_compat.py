@@ -11,8 +11,8 @@ import keras_tuner
 
 
 def retries_used(oracle: keras_tuner.Oracle, trial_id: str) -> int:
-    """How many times ``oracle`` has run trial ``trial_id`` (keras-tuner counts them
-    for ``max_retries_per_trial`` in a private dict)."""
+    """How many runs of trial ``trial_id`` have ended (keras-tuner counts them for
+    ``max_retries_per_trial`` in a private dict, in ``end_trial``)."""
     return oracle._run_times[trial_id]
 
 

@@ -660,6 +660,7 @@ class ESOracle(keras_tuner.Oracle):
                 "diverged_pairs": int(result.diverged_pairs),
                 "updated": applied,
                 "gradient_norm": float(tf.norm(result.gradient)),
+                "gradient": [float(v) for v in result.gradient.numpy()],
                 "values": self.mean_values(),
             })
         episode_after = state.episode.numpy()

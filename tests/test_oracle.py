@@ -514,3 +514,38 @@ def test_the_search_refuses_a_budget_or_epochs_it_cannot_honour(tmp_path):
                                 max_trials=100, directory=str(tmp_path), project_name="c")
     with pytest.raises(ValueError, match="steps_per_epoch"):
         unknown.search(generator(), epochs=2, validation_data=(x, y))
+
+
+@pytest.mark.slow
+def test_categorical_estimates_are_unbiased_for_the_expected_loss(tmp_path):
+    """A Choice is searched through the softmax of its logits: each inner problem draws
+    its value with Gumbel noise shared by the twins. The ES estimate on the logits is
+    then unbiased for the gradient of the Gaussian-smoothed expected loss
+    E_eps[sum_k softmax(theta + eps)_k L_k] (a z-test against that gradient, computed
+    from its closed form by Monte Carlo), and theta moves toward the best value."""
+    space = kt.HyperParameters()
+    space.Choice("c", ["a", "b", "c"], default="a")
+    losses = {"a": 1.0, "b": 0.3, "c": 2.0}
+    sigma, pairs, rounds = 0.5, 16, 40
+    oracle = keras_es.ESOracle(objective="val_loss", max_trials=None,
+                               num_particles=2 * pairs, sigma=sigma, truncation_length=1,
+                               horizon=1, seed=11, stagger=False, hyperparameters=space,
+                               outer_optimizer=keras.optimizers.SGD(1e-12))
+    oracle._set_project_dir(str(tmp_path), "p")
+    for _ in range(rounds):
+        _run_round(oracle, lambda v: losses[v["c"]])
+    theta = oracle.theta.astype(np.float64)  # moved by ~1e-12: fixed
+    np.testing.assert_allclose(theta, np.log([0.5, 0.25, 0.25]), atol=1e-6)
+    estimates = np.array([h["gradient"] for h in oracle.history])
+    assert estimates.shape == (rounds, 3)
+    rng = np.random.default_rng(0)
+    logits = theta + sigma * rng.normal(size=(1_000_000, 3))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    values = np.array([losses[k] for k in "abc"])
+    target = np.mean(p * (values - (p * values).sum(1, keepdims=True)), axis=0)
+    z = (estimates.mean(0) - target) / (estimates.std(0, ddof=1) / np.sqrt(rounds))
+    assert np.all(np.abs(z) < 4), (z, estimates.mean(0), target)
+    # Descent raises "b" (the lowest loss) and lowers "c" (the highest).
+    assert target[1] < 0 < target[2]
+    assert estimates.mean(0)[1] < 0 < estimates.mean(0)[2]
