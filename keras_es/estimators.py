@@ -150,9 +150,12 @@ class WindowResult(NamedTuple):
 
     Attributes:
         gradient: float32 ``[dim]``, the estimate (zeros if no pair was valid).
-        loss: Mean per-step loss of the finite particles over the window.
-        meta_loss: Mean meta-loss at window end (``objective="final"``; else NaN).
-        valid_pairs: int32, pairs whose window was finite and credited.
+        loss: Mean per-step loss of the finite particles over the window (NaN when
+            no particle had a finite loss).
+        meta_loss: Mean meta-loss at window end (``objective="final"``; else NaN, and
+            NaN when no meta-loss was finite).
+        valid_pairs: int32, pairs whose window was finite and credited (a pair whose
+            huge but finite losses overflow their difference or credit is not).
         diverged_pairs: int32, pairs reset in this window after a non-finite loss.
         pair_gradients: float32 ``[pairs, dim]``, each pair's own estimate (zeros for
             invalid pairs); ``gradient`` is their mean over valid pairs. Under a
@@ -405,12 +408,17 @@ class Estimator:
         gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
         # Counts are exact in float32 up to 2^24.
         diverged = tf.cast(tf.round(total[dim + 5]), tf.int32)
-        meta_mean = (tf.math.divide_no_nan(total[dim + 3], total[dim + 4])
-                     if self.objective == "final" else tf.constant(float("nan")))
+        nan = tf.constant(float("nan"))
+        # A window without one finite loss has no mean loss: NaN, never 0 (which a
+        # ModelCheckpoint(save_best_only=True) would take for the best epoch).
+        meta_mean = (tf.where(total[dim + 4] > 0, tf.math.divide_no_nan(total[dim + 3],
+                                                                         total[dim + 4]), nan)
+                     if self.objective == "final" else nan)
         state = state._replace(diverged=state.diverged + diverged)
         return state, WindowResult(
             gradient=gradient,
-            loss=tf.math.divide_no_nan(total[dim + 1], total[dim + 2]),
+            loss=tf.where(total[dim + 2] > 0,
+                          tf.math.divide_no_nan(total[dim + 1], total[dim + 2]), nan),
             meta_loss=meta_mean,
             valid_pairs=tf.cast(tf.round(valid_count), tf.int32),
             diverged_pairs=diverged,
@@ -604,8 +612,12 @@ class Estimator:
             meta_sum = tf.reduce_sum(tf.where(both_ok, both, 0.0))
             meta_count = tf.reduce_sum(tf.cast(both_ok, tf.float32))
 
-        # Pairs that waited the whole window (`window(active=...)`) are not counted.
-        valid = ~invalid & (wait < num_steps)
+        # Pairs that waited the whole window (`window(active=...)`) are not counted, nor
+        # pairs whose finite losses overflowed their difference or their credit (huge
+        # but finite losses): left out by name rather than zeroing the whole estimate.
+        overflowed = ~(tf.reduce_all(tf.math.is_finite(credit_sum), axis=1)
+                       & tf.math.is_finite(diff_sum))
+        valid = ~invalid & ~overflowed & (wait < num_steps)
         pair_gradients = tf.where(valid[:, None], credit_sum, 0.0) / (2.0 * self.sigma ** 2)
         partials = WindowPartials(
             pair_gradients=pair_gradients, differences=diff_sum, valid=valid,

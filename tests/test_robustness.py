@@ -246,6 +246,51 @@ def test_the_oracle_skips_a_round_where_every_pair_diverged(tmp_path):
         run_round(lambda t: (np.log10(t.hyperparameters.values["lr"]) + 1.0) ** 2)
     theta, state = oracle.theta.copy(), json.dumps(oracle._es["optimizer"])
     run_round(lambda t: float("nan"))
-    assert oracle.history[-1]["valid_pairs"] == 0 and not oracle.history[-1]["updated"]
+    assert oracle.history[-1]["valid_pairs"] == 0
     np.testing.assert_array_equal(oracle.theta, theta)
     assert json.dumps(oracle._es["optimizer"]) == state
+    assert not oracle.history[-1]["updated"]
+
+
+def test_overflowing_finite_losses_invalidate_only_their_pair_and_say_so():
+    """Per-step losses that are finite but whose difference overflows float32 leave
+    that pair out of the estimate (and the valid count), instead of zeroing the whole
+    window's estimate while reporting every pair valid."""
+    class Overflowing(keras_es.UnrolledSystem):
+        def init(self, keys):
+            return tf.zeros([tf.shape(keys)[0]])
+
+        def step(self, state, theta, keys):
+            loss = tf.square(theta[:, 0] - 1.0)
+            # Pair 1's twins report +3e38 and -3e38: finite, difference inf.
+            index = tf.range(tf.shape(theta)[0])
+            huge = tf.where(index % 2 == 0, 3e38, -3e38)
+            loss = tf.where((index // 2) == 1, huge, loss)
+            return state, loss, None
+
+    trainer = keras_es.MetaTrainer(Overflowing(), keras_es.es_single(0.1, 2), [0.0], 8,
+                                   optimizer=keras.optimizers.SGD(0.1))
+    logs = trainer.step()
+    assert logs["valid_pairs"] == 3 and logs["diverged_pairs"] == 0
+    assert logs["gradient_norm"] > 0 and logs["updated"]
+    assert trainer.theta_value[0] > 0  # toward the optimum at 1, from the other pairs
+
+
+def test_a_window_without_a_finite_loss_logs_nan_not_zero():
+    class AlwaysInf(keras_es.UnrolledSystem):
+        def init(self, keys):
+            return tf.zeros([tf.shape(keys)[0]])
+
+        def step(self, state, theta, keys):
+            return state, tf.fill([tf.shape(theta)[0]], np.inf), None
+
+        def meta_loss(self, state, keys):
+            return tf.fill([tf.shape(keys)[0]], np.inf)
+
+    for objective in ("sum", "final"):
+        trainer = keras_es.MetaTrainer(AlwaysInf(), keras_es.es_single(
+            0.1, 2, horizon=4, objective=objective), [0.0], 4)
+        logs = trainer.step()
+        assert logs["valid_pairs"] == 0
+        assert np.isnan(logs["loss"]) and np.isnan(logs["meta_loss"])
+        assert not logs["updated"]

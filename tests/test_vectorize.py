@@ -107,3 +107,35 @@ def test_embedding_and_recurrent_population_matches_keras(recurrent):
     fresh = drawing.init(tf.constant([[1, 2], [3, 4]], tf.int32))
     assert all(np.all(np.isfinite(v.numpy())) for v in fresh.trainable)
     assert not np.allclose(fresh.trainable[1][0], fresh.trainable[1][1])
+
+
+def test_dilated_strided_cnn_population_matches_keras_on_any_cpu():
+    """Dilated and strided convolutions train vectorized (im2col) with no kernel that
+    only oneDNN has: the same numbers as Keras's own training."""
+    def model():
+        keras.utils.set_random_seed(1)
+        return keras.Sequential([
+            keras.Input((9, 9, 2)),
+            keras.layers.Conv2D(3, 3, dilation_rate=2, padding="same", activation="relu"),
+            keras.layers.Conv2D(4, (2, 3), strides=2, dilation_rate=1, activation="tanh"),
+            keras.layers.Conv2D(2, 2, dilation_rate=(2, 1)),
+            keras.layers.Flatten(), keras.layers.Dense(3)])
+
+    rng = np.random.default_rng(5)
+    batches = [(rng.normal(size=(6, 9, 9, 2)).astype("float32"), rng.integers(0, 3, 6))
+               for _ in range(4)]
+    _assert_population_matches_keras_sgd(model, batches, 0.05, jit_compile=False)
+
+
+def test_the_engine_pages_execution_example_runs_as_written():
+    """docs/engine.md's convolutional example, verbatim, on whatever CPU this is."""
+    import pathlib
+    import re
+
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "engine.md").read_text()
+    section = page.split("## Execution", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict = {}
+    exec(compile(code, "docs/engine.md", "exec"), namespace)  # noqa: S102
+    assert namespace["loss"].shape == (32,)
+    assert np.all(np.isfinite(namespace["loss"]))
