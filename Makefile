@@ -24,9 +24,9 @@ demo: venv
 	$(DEMO)
 
 # Tests run with TensorFlow's oneDNN kernels off unless the environment says otherwise:
-# most CPUs (AMD, Apple, older Intel) get them off, and some kernels (gradients of
-# grouped convolutions) exist only with them, so a machine that has them on by default
-# (AVX-512 Intel and some AMD) would hide what most users hit.
+# most CPUs (x86 without AVX-512, Apple, ARM) get them off, and some kernels (gradients
+# of grouped convolutions) exist only with them, so a machine that has them on by
+# default (x86 with AVX-512) would hide what most users hit.
 test test-fast: export TF_ENABLE_ONEDNN_OPTS ?= 0
 
 test: venv

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks, distribute, engine, noise
+from keras_es import checks, distribute, engine, noise, schedules
 from keras_es.estimators import ESTIMATORS, Estimator, GuidedConfig
 from keras_es.keras_system import KerasSystem, as_tensors
 from keras_es.outer import MetaTrainer
@@ -24,7 +24,8 @@ _TRACED = {engine.SGD: ("momentum", "weight_decay"),
            engine.Adam: ("beta_1", "beta_2", "weight_decay")}
 
 
-_WINDOW_KEYS = ("loss", "meta_loss", "gradient_norm", "diverged_pairs")
+_WINDOW_KEYS = ("loss", "meta_loss", "gradient_norm", "valid_pairs", "diverged_pairs",
+                "updated")
 _LOGGER = logging.getLogger("keras_es")
 
 
@@ -32,7 +33,9 @@ def _print(message: str) -> None:
     """One line to the user, where Keras's own progress output goes: stdout while
     interactive logging is on (the default), else the ``keras_es`` logger."""
     if keras.config.is_interactive_logging_enabled():
-        print(message, flush=True)
+        # A new line first, as Keras's own callbacks do: the progress bar may be
+        # mid-line.
+        print("\n" + message, flush=True)
     else:
         _LOGGER.info(message)
 
@@ -135,13 +138,32 @@ class ESCallback(keras.callbacks.Callback):
             raise ValueError(f"execution={execution!r} is invalid; expected 'auto', "
                              "'vectorized' or 'stacked'.")
         engine.check_optimizer(optimizer, space)
+        read = {n for v in optimizer.values() for n in schedules.names(v)}
+        read |= set(dict(layer_hyperparameters or {}).values())
+        unread = [n for n in space.names if n not in read]
+        if unread:
+            raise ValueError(
+                f"space declares {unread}, which neither optimizer nor layer_hyperparameters "
+                "reads: tuning them would only add noise. Refer to them (e.g. "
+                "SGD(learning_rate='lr', momentum='momentum')) or drop them from space.")
         if optimizer.per_variable:
             raise ValueError("optimizer has per_variable values, which a single Keras "
                              "optimizer cannot apply to the fitted model; tune them with a "
                              "keras_es.Population and MetaTrainer instead.")
-        if isinstance(estimator, str) and estimator not in ESTIMATORS:
+        if not isinstance(estimator, (str, Estimator)) or (
+                isinstance(estimator, str) and estimator not in ESTIMATORS):
             raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
                              f"{sorted(ESTIMATORS)} or an Estimator.")
+        checks.boolean("telescope", telescope)
+        checks.seed(seed)
+        checks.optimizer("outer_optimizer", outer_optimizer)
+        checks.positive_int("batch_size", batch_size)
+        if meta_batch_size is not None:
+            checks.positive_int("meta_batch_size", meta_batch_size)
+        if backup_dir is not None and (not isinstance(backup_dir, (str, os.PathLike))
+                                       or os.path.isfile(backup_dir)):
+            raise ValueError(f"backup_dir={backup_dir!r} is invalid; expected a directory "
+                             "path (it is created if missing), not a file.")
         if guided is not None and not isinstance(guided, GuidedConfig):
             raise ValueError(f"guided={guided!r} is invalid; expected a keras_es.GuidedConfig "
                              "or None.")
@@ -157,7 +179,7 @@ class ESCallback(keras.callbacks.Callback):
                     raise ValueError(f"horizon={horizon} is shorter than truncation_length="
                                      f"{truncation_length}; expected horizon >= "
                                      "truncation_length.")
-            checks.positive_float("sigma", sigma)
+            checks.sigma(sigma)
         if train_data is None:
             raise ValueError("train_data=None is invalid; the particles need (x, y) data or a "
                              "tf.data.Dataset to train on.")
@@ -180,11 +202,23 @@ class ESCallback(keras.callbacks.Callback):
         self._window_logs: dict = {}
         #: One entry per window of the current ``fit`` call (after a resume: since the
         #: restart): ``batches`` (fit batches so far), ``theta`` (unconstrained, after
-        #: the update), ``loss``, ``meta_loss``, ``gradient_norm``, ``diverged_pairs``.
+        #: the update), ``loss`` (mean per-step loss of the particles: their
+        #: validation loss when ``meta_data`` is given and ``objective="sum"``),
+        #: ``meta_loss`` (window-end validation loss, ``objective="final"`` only; else
+        #: NaN), ``gradient_norm``, ``valid_pairs``, ``diverged_pairs`` and ``updated``
+        #: (False when the update was skipped or undone, see
+        #: `keras_es.outer.outer_update`).
         self.window_history: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, logs=None):
+        if self.trainer is not None:
+            # The outer optimizer is built for the first fit's theta variable, and a new
+            # fit has a new length (the default horizon): continuing would be a guess.
+            raise ValueError(
+                "This ESCallback was already used in a fit. Create a new one for another "
+                "fit (start it from the tuned values: callback.values), or resume an "
+                "interrupted fit with keras.callbacks.BackupAndRestore and backup_dir.")
         model = self.model
         if model.optimizer is None or not getattr(model, "compiled", False):
             raise ValueError("ESCallback needs a compiled model; call model.compile(...) "
@@ -200,6 +234,12 @@ class ESCallback(keras.callbacks.Callback):
             raise ValueError("The model's optimizer has a LearningRateSchedule; compile it "
                              "with a float learning rate: ESCallback sets the rate every batch "
                              "from its own (tuned) schedule.")
+        if (isinstance(self.inner_optimizer, engine.SGD)
+                and bool(model.optimizer.nesterov) != self.inner_optimizer.nesterov):
+            raise ValueError(
+                f"The model's SGD has nesterov={bool(model.optimizer.nesterov)}, but optimizer="
+                f"keras_es.engine.SGD(..., nesterov={self.inner_optimizer.nesterov}); the "
+                "particles must train as the model does: pass the same nesterov.")
         if (isinstance(self.inner_optimizer, engine.SGD)
                 and isinstance(self.inner_optimizer.momentum, str)
                 and not model.optimizer.momentum):

@@ -59,6 +59,10 @@ class _InnerOptimizer:
     slot_names: tuple[str, ...] = ()
 
     def __init__(self, learning_rate, weight_decay, l2, per_variable):
+        if not isinstance(learning_rate, Schedule):
+            _check_constant("learning_rate", learning_rate, 0.0, None, low_open=True)
+        _check_constant("weight_decay", weight_decay, 0.0, None)
+        _check_constant("l2", l2, 0.0, None)
         self.learning_rate = (learning_rate if isinstance(learning_rate, Schedule)
                               else schedules.Constant(learning_rate))
         self.weight_decay, self.l2 = weight_decay, l2
@@ -134,7 +138,9 @@ class SGD(_InnerOptimizer):
                  nesterov: bool = False, weight_decay: Value | None = None,
                  l2: Value | None = None,
                  per_variable: Mapping[str, Mapping[str, Value]] | None = None):
-        self.momentum, self.nesterov = momentum, bool(nesterov)
+        _check_constant("momentum", momentum, 0.0, 1.0, high_open=True)
+        checks.boolean("nesterov", nesterov)
+        self.momentum, self.nesterov = momentum, nesterov
         super().__init__(learning_rate, weight_decay, l2, per_variable)
 
     def _per_variable_roles(self):
@@ -176,6 +182,9 @@ class Adam(_InnerOptimizer):
                  beta_2: Value = 0.999, epsilon: float = 1e-7,
                  weight_decay: Value | None = None, l2: Value | None = None,
                  per_variable: Mapping[str, Mapping[str, Value]] | None = None):
+        _check_constant("beta_1", beta_1, 0.0, 1.0, high_open=True)
+        _check_constant("beta_2", beta_2, 0.0, 1.0, high_open=True)
+        checks.positive_float("epsilon", epsilon)
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, float(epsilon)
         super().__init__(learning_rate, weight_decay, l2, per_variable)
 
@@ -196,6 +205,21 @@ class Adam(_InnerOptimizer):
 
 
 _WARNED: set = set()
+
+
+def _check_constant(name, value, low, high, low_open=False, high_open=False) -> None:
+    """A constant optimizer value (not a hyperparameter name) must lie in its domain:
+    ``momentum=-1`` or ``beta_1=1.5`` would train, wrongly, without a word."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not (
+            np.isfinite(value)
+            and (value > low if low_open else value >= low)
+            and (high is None or (value < high if high_open else value <= high))):
+        interval = (("(" if low_open else "[") + f"{low}, "
+                    + ("inf)" if high is None else f"{high}" + (")" if high_open else "]")))
+        raise ValueError(f"{name}={value!r} is invalid; expected a hyperparameter name or a "
+                         f"number in {interval}.")
 
 
 class _FunctionLoss(keras.losses.Loss):

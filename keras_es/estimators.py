@@ -216,7 +216,9 @@ class Estimator:
     normalize: bool = False
 
     def __post_init__(self):
-        checks.positive_float("sigma", self.sigma)
+        checks.sigma(self.sigma)
+        for flag in ("stagger", "normalize", "telescope"):
+            checks.boolean(flag, getattr(self, flag))
         checks.positive_int("truncation_length", self.truncation_length)
         if self.horizon is not None:
             checks.positive_int("horizon", self.horizon)

@@ -41,6 +41,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 
 import keras
@@ -57,6 +58,8 @@ from keras_es.transforms import Logit
 from keras_es.unrolled import UnrolledSystem
 
 _ESTIMATORS = ("es_single", "pes", "truncated_es")
+# The only checkpoint names ESOracle plans; anything else read back is refused.
+_CHECKPOINT_NAME = re.compile(r"particle_\d{3,}/episode_\d{5,}_window_\d{5,}\.weights\.h5")
 _HP = keras_tuner.engine.hyperparameters
 # Searched as a categorical distribution whose logits ES moves (one coordinate per value).
 _CATEGORICAL = (_HP.Choice, _HP.Boolean)
@@ -148,7 +151,7 @@ class ESOracle(keras_tuner.Oracle):
         if estimator not in _ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is invalid; expected one of {_ESTIMATORS}.")
         checks.num_particles(num_particles)
-        checks.positive_float("sigma", sigma)
+        checks.sigma(sigma)
         checks.positive_int("truncation_length", truncation_length)
         if horizon is not None:
             checks.positive_int("horizon", horizon)
@@ -169,8 +172,9 @@ class ESOracle(keras_tuner.Oracle):
             checks.positive_int("max_trials", max_trials)
         if reassign_after is not None:
             checks.positive_float("reassign_after", reassign_after)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed={seed!r} is invalid; expected an integer or None.")
+        checks.seed(seed, allow_none=True)
+        checks.boolean("stagger", stagger)
+        checks.boolean("normalize", normalize)
         if per_episode is not None and (isinstance(per_episode, str) or not all(
                 isinstance(n, str) for n in per_episode)):
             raise ValueError(f"per_episode={per_episode!r} is invalid; expected a list of "
@@ -315,6 +319,23 @@ class ESOracle(keras_tuner.Oracle):
     def get_best_particle_trials(self, num_trials=1):
         """The best particle unrolls by their reported objective."""
         return super().get_best_trials(num_trials)
+
+    def update_space(self, hyperparameters):
+        super().update_space(hyperparameters)
+        if self._es is None:
+            return
+        untuned = self._es.setdefault("untuned", [])
+        known = set(self._es["config"]["names"]) | set(untuned)
+        new = [hp.name for hp in self.hyperparameters.space
+               if not isinstance(hp, _HP.Fixed) and hp.name not in known]
+        if new:
+            # theta's coordinates are fixed when the search starts; say so, once per name.
+            untuned.extend(new)
+            print(f"ESOracle: {', '.join(new)} appeared after the search started (declared "
+                  "in HyperModel.fit, or in build() under a branch the first model did not "
+                  "take) and are not tuned: trials get their defaults. To tune them, "
+                  "declare them in build() (e.g. hp.Boolean('shuffle') there, then "
+                  "hp.get('shuffle') in fit).")
 
     def get_state(self):
         state = super().get_state()
@@ -817,7 +838,18 @@ class ESTuner(keras_tuner.Tuner):
             meta = self.oracle.trial_metadata(trial.trial_id) or {}
         return meta
 
-    def _path(self, relative: str) -> str:
+    def _path(self, relative) -> str:
+        """The checkpoint file ``relative`` names, inside `checkpoint_dir`.
+
+        Names come from oracle.json or, in distributed search, from the chief over the
+        network, and a trial writes and deletes what they name: only names of the form
+        ESOracle plans (``particle_NNN/episode_NNNNN_window_NNNNN.weights.h5``) pass.
+        """
+        if not (isinstance(relative, str) and _CHECKPOINT_NAME.fullmatch(relative)):
+            raise keras_tuner.errors.FatalError(
+                f"Refusing checkpoint path {relative!r} from the search state: expected "
+                "particle_NNN/episode_NNNNN_window_NNNNN.weights.h5 inside "
+                f"{self.checkpoint_dir}. Was oracle.json edited?")
         return os.path.join(self.checkpoint_dir, relative)
 
     def run_trial(self, trial, *args, **kwargs):
@@ -826,6 +858,11 @@ class ESTuner(keras_tuner.Tuner):
         if "checkpoint_out" not in es:
             raise keras_tuner.errors.FatalError(
                 "ESTuner got a trial without ESOracle's values; use it with keras_es.ESOracle.")
+        _check_metadata(es)
+        # Every path checked before any work.
+        out = self._path(es["checkpoint_out"])
+        source = self._path(es["checkpoint_in"]) if es["checkpoint_in"] else None
+        stale = self._path(es["checkpoint_stale"]) if es["checkpoint_stale"] else None
         # Fresh layer names for every build; skip its gc.collect() (0.4 s a trial here).
         keras.backend.clear_session(free_memory=False)
         keras.utils.set_random_seed(es["init_seed"])
@@ -833,8 +870,8 @@ class ESTuner(keras_tuner.Tuner):
         if not isinstance(model, keras.Model):
             raise keras_tuner.errors.FatalTypeError(
                 f"The hypermodel returned {model!r}; expected a compiled keras.Model.")
-        if es["checkpoint_in"]:
-            self._restore(model, self._path(es["checkpoint_in"]))
+        if source:
+            self._restore(model, source)
         keras.utils.set_random_seed(es["data_seed"])
         kwargs = dict(kwargs)
         if es["unit"] == "steps":
@@ -845,7 +882,6 @@ class ESTuner(keras_tuner.Tuner):
         kwargs.setdefault("verbose", 0)
         history = self.hypermodel.fit(hp, model, *args, **kwargs)
         logs = history.history if isinstance(history, keras.callbacks.History) else history
-        out = self._path(es["checkpoint_out"])
         os.makedirs(os.path.dirname(out), exist_ok=True)
         partial = f"{out[: -len('.weights.h5')]}.partial{os.getpid()}"
         # The build config first (a Sequential without an Input is built from data, and
@@ -856,8 +892,7 @@ class ESTuner(keras_tuner.Tuner):
         os.replace(partial + ".json", _build_config_path(out))
         model.save_weights(partial + ".weights.h5")
         os.replace(partial + ".weights.h5", out)
-        if es["checkpoint_stale"]:
-            stale = self._path(es["checkpoint_stale"])
+        if stale:
             # A reassigned trial may run twice at once: the other run may delete it first.
             for path in (stale, _build_config_path(stale)):
                 with contextlib.suppress(FileNotFoundError):
@@ -937,8 +972,10 @@ class ESTuner(keras_tuner.Tuner):
               f"({es['burn_in']} burn-in); {len(oracle.trials)} trials")
         print()
         print("Mean theta (get_best_hyperparameters()[0]):")
+        tuned = set(es["config"]["names"])
         for name, value in oracle.mean_values().items():
-            print(f"  {name}: {_format(value)}")
+            note = "" if name in tuned else "  (not tuned: its default)"
+            print(f"  {name}: {_format(value)}{note}")
         history = oracle.history
         if history:
             print()
@@ -1070,7 +1107,25 @@ def _plan_search(oracle: ESOracle, fit_args, fit_kwargs) -> None:
         print(f"ESSearch: {oracle.num_particles} particles, training runs of {oracle.horizon} "
               f"{unit}, {length} {unit} per trial: the first outer step after {first} trials, "
               f"then one every {oracle.num_particles}; max_trials={oracle.max_trials} gives "
-              f"{steps} outer steps.")
+              f"{steps} outer step{'s' if steps != 1 else ''}.")
+
+
+_METADATA_TYPES = {"init_seed": int, "data_seed": int, "truncation_length": int, "unit": str,
+                   "checkpoint_in": str, "checkpoint_out": str, "checkpoint_stale": str}
+
+
+def _check_metadata(meta: dict) -> None:
+    """Refuses trial metadata (read from storage or the network) of the wrong shape."""
+    for key, kind in _METADATA_TYPES.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise keras_tuner.errors.FatalError(
+                f"Refusing the trial's {key}={value!r} from the search state: expected "
+                f"{kind.__name__}. Was oracle.json edited?")
+    if meta["unit"] not in _UNITS or meta["truncation_length"] < 1:
+        raise keras_tuner.errors.FatalError(
+            f"Refusing the trial's unit={meta['unit']!r} / truncation_length="
+            f"{meta['truncation_length']!r} from the search state.")
 
 
 def _build_config_path(checkpoint: str) -> str:

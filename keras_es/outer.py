@@ -81,8 +81,9 @@ class MetaTrainer:
         if not isinstance(system, UnrolledSystem):
             raise ValueError(f"system={system!r} is invalid; expected a keras_es.UnrolledSystem.")
         checks.num_particles(num_particles)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed={seed!r} is invalid; expected an integer.")
+        checks.seed(int(seed) if isinstance(seed, np.integer) else seed)
+        checks.optimizer("optimizer", optimizer)
+        checks.boolean("jit_compile", jit_compile)
         if surrogate is not None and estimator.guided is None:
             raise ValueError("surrogate was given but estimator.guided is None; build the "
                              "estimator with guided=keras_es.GuidedConfig(...).")

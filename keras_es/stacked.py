@@ -122,8 +122,8 @@ def worthwhile(model: keras.Model) -> bool:
 
 # ---------------------------------------------------------------------- kernels
 # Advice printed with a missing kernel. Which kernels a CPU has depends on whether
-# TensorFlow turned its oneDNN kernels on, which it does by default only on some x86
-# CPUs (AVX-512 Intel); on AMD, Apple and older Intel it stays off and the gradients
+# TensorFlow turned its oneDNN kernels on, which it does by default only on x86 CPUs
+# with AVX-512; on x86 CPUs without it, Apple and ARM it stays off and the gradients
 # of grouped convolutions do not exist ("Gradients for grouped convolutions are not
 # supported on CPU").
 ONEDNN_TIP = ("on a CPU, set TF_ENABLE_ONEDNN_OPTS=1 in the environment before TensorFlow "

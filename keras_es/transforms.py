@@ -180,6 +180,11 @@ class SearchSpace:
     """
 
     def __init__(self, hyperparameters: Sequence[Hyperparameter]):
+        if isinstance(hyperparameters, (str, Hyperparameter)) or not all(
+                isinstance(h, Hyperparameter) for h in hyperparameters):
+            raise ValueError(f"hyperparameters={hyperparameters!r} is invalid; expected a list "
+                             "of keras_es.Hyperparameter, e.g. SearchSpace([Hyperparameter("
+                             "'learning_rate', 0.01, 'log')]).")
         hyperparameters = list(hyperparameters)
         if not hyperparameters:
             raise ValueError("hyperparameters=[] is empty; expected at least one Hyperparameter.")

@@ -549,3 +549,57 @@ def test_categorical_estimates_are_unbiased_for_the_expected_loss(tmp_path):
     # Descent raises "b" (the lowest loss) and lowers "c" (the highest).
     assert target[1] < 0 < target[2]
     assert estimates.mean(0)[1] < 0 < estimates.mean(0)[2]
+
+
+def test_paths_from_the_search_state_are_checked_before_any_work(tmp_path):
+    """A trial writes and deletes the checkpoints its metadata names, and that metadata
+    comes from oracle.json or the network: names outside the checkpoint directory (or
+    of another form) are refused before the trial does anything."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    tuner = keras_es.ESSearch(_Probe(), objective="val_loss", max_trials=20, horizon=6,
+                              truncation_length=3, num_particles=4, seed=1,
+                              directory=str(tmp_path / "runs"), project_name="p")
+    hp = kt.HyperParameters()
+    hp.values = {"units": 4, "lr": 0.05, "momentum": 0.9}
+    good = {"particle": 0, "init_seed": 1, "data_seed": 2, "truncation_length": 3,
+            "unit": "steps", "checkpoint_in": "",
+            "checkpoint_out": "particle_000/episode_00000_window_00001.weights.h5",
+            "checkpoint_stale": ""}
+    x = np.ones((8, 3), np.float32)
+    for key, value in [("checkpoint_stale", "../../victim.txt"),
+                       ("checkpoint_out", "/tmp/elsewhere.weights.h5"),
+                       ("checkpoint_in", "particle_000/../../../victim.txt"),
+                       ("init_seed", "1; rm -rf /")]:
+        trial = kt.engine.trial.Trial(hp.copy())
+        trial.hyperparameters.values.update({PREFIX + k: v for k, v in
+                                             {**good, key: value}.items()})
+        with pytest.raises(kt.errors.FatalError, match=f"Refusing.*{key}|Refusing checkpoint"):
+            tuner.run_trial(trial, x, x[:, 0])
+    assert victim.read_text() == "keep me"
+    assert not os.path.exists(tuner.checkpoint_dir)  # nothing was written
+
+
+class _TunesFit(_Probe):
+    """keras-tuner's guide pattern: a hyperparameter declared in HyperModel.fit."""
+
+    def fit(self, hp, model, *args, **kwargs):
+        return super().fit(hp, model, *args, shuffle=hp.Boolean("shuffle"), **kwargs)
+
+
+def test_hyperparameters_declared_after_the_start_are_named_not_silently_frozen(
+        tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    tuner = keras_es.ESSearch(_TunesFit(), objective="val_loss", max_trials=8,
+                              num_particles=4, truncation_length=2, horizon=4, seed=1,
+                              stagger=False, directory=str(tmp_path), project_name="p")
+    tuner.search(x[:24], x[:24, 0], validation_data=(x[24:], x[24:, 0]), batch_size=8,
+                 verbose=0)
+    out = capsys.readouterr().out
+    assert out.count("ESOracle: shuffle appeared after the search started") == 1
+    assert "declare them in build()" in out
+    assert {t.hyperparameters.values["shuffle"] for t in tuner.oracle.trials.values()
+            if "shuffle" in t.hyperparameters.values} <= {False}
+    tuner.results_summary()
+    assert "shuffle: False  (not tuned: its default)" in capsys.readouterr().out
