@@ -421,3 +421,49 @@ def test_fit_on_arrays_datasets_and_generators(source):
         model.fit(_generator(), steps_per_epoch=16, epochs=1, verbose=0,
                   callbacks=[callback])
     assert int(callback.trainer.outer_step.numpy()) == 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"telescope": "False"}, "telescope='False'"),
+    ({"jit_compile": "no"}, "jit_compile='no'"),
+    ({"seed": 1.7}, "seed=1.7"),
+    ({"seed": 2**32}, "seed=4294967296"),
+    ({"sigma": 1e-30}, "sigma=1e-30.*float32 rounding"),
+    ({"estimator": 5}, "estimator=5"),
+    ({"outer_optimizer": "adam"}, "outer_optimizer='adam'"),
+    ({"batch_size": 0}, "batch_size=0"),
+])
+def test_strict_arguments_are_refused_before_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _callback(**kwargs)
+
+
+def test_arguments_that_would_train_wrongly_are_refused(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="backup_dir=.*not a file"):
+        _callback(backup_dir=str(a_file))
+    with pytest.raises(ValueError, match="hyperparameters='lr' is invalid"):
+        keras_es.SearchSpace("lr")
+    with pytest.raises(ValueError, match="momentum=-1 is invalid"):
+        keras_es.engine.SGD("lr", momentum=-1)
+    with pytest.raises(ValueError, match="beta_1=1.5 is invalid"):
+        keras_es.engine.Adam("lr", beta_1=1.5)
+    with pytest.raises(ValueError, match=r"space declares \['momentum'\], which neither"):
+        keras_es.ESCallback(SPACE, keras_es.engine.SGD("lr", momentum=0.5),
+                            train_data=_data(64, 1))
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.5, nesterov=True),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="nesterov=True"):
+        model.fit(X[:128], Y[:128], batch_size=32, verbose=0, callbacks=[_callback()])
+
+
+def test_a_second_fit_with_the_same_callback_is_refused_clearly():
+    model = _model()
+    callback = _callback()
+    model.fit(X[:128], Y[:128], batch_size=32, verbose=0, callbacks=[callback])
+    theta = callback.trainer.theta_value
+    with pytest.raises(ValueError, match="already used in a fit.*callback.values"):
+        model.fit(X[:128], Y[:128], batch_size=32, verbose=0, callbacks=[callback])
+    np.testing.assert_array_equal(callback.trainer.theta_value, theta)  # untouched

@@ -294,3 +294,24 @@ def test_a_window_without_a_finite_loss_logs_nan_not_zero():
         assert logs["valid_pairs"] == 0
         assert np.isnan(logs["loss"]) and np.isnan(logs["meta_loss"])
         assert not logs["updated"]
+
+
+@pytest.mark.parametrize("factory, kwargs, match", [
+    (keras_es.es_single, {"stagger": "no"}, "stagger='no'"),
+    (keras_es.pes, {"normalize": "no"}, "normalize='no'"),
+    (keras_es.es_single, {"sigma": 1e-30}, "sigma=1e-30"),
+])
+def test_estimator_flags_must_be_booleans(factory, kwargs, match):
+    settings = {"sigma": 0.1, "truncation_length": 2, "horizon": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        factory(**settings)
+
+
+def test_trainer_seed_and_optimizer_are_checked():
+    system = influence_balancing()
+    with pytest.raises(ValueError, match="seed=4294967297"):
+        keras_es.MetaTrainer(system, keras_es.pes(0.1, 1), [0.5], 4, seed=2**32 + 1)
+    with pytest.raises(ValueError, match="optimizer='adam'"):
+        keras_es.MetaTrainer(system, keras_es.pes(0.1, 1), [0.5], 4, optimizer="adam")
+    with pytest.raises(ValueError, match="jit_compile='no'"):
+        keras_es.MetaTrainer(system, keras_es.pes(0.1, 1), [0.5], 4, jit_compile="no")
