@@ -25,7 +25,7 @@ _TRACED = {engine.SGD: ("momentum", "weight_decay"),
 
 
 _WINDOW_KEYS = ("loss", "meta_loss", "gradient_norm", "valid_pairs", "diverged_pairs",
-                "updated")
+                "clipped_pairs", "updated")
 _LOGGER = logging.getLogger("keras_es")
 
 
@@ -205,7 +205,8 @@ class ESCallback(keras.callbacks.Callback):
         #: the update), ``loss`` (mean per-step loss of the particles: their
         #: validation loss when ``meta_data`` is given and ``objective="sum"``),
         #: ``meta_loss`` (window-end validation loss, ``objective="final"`` only; else
-        #: NaN), ``gradient_norm``, ``valid_pairs``, ``diverged_pairs`` and ``updated``
+        #: NaN), ``gradient_norm``, ``valid_pairs``, ``diverged_pairs``,
+        #: ``clipped_pairs`` (``Estimator.clip_outliers``) and ``updated``
         #: (False when the update was skipped or undone, see
         #: `keras_es.outer.outer_update`).
         self.window_history: list[dict] = []

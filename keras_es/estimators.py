@@ -104,6 +104,8 @@ class EstimatorState(NamedTuple):
         final_accumulator: float32 ``[pairs, dim]``, ``xi`` at the last window end.
         guided: `GuidedState` (``k = 0`` when unguided).
         diverged: int32 scalar, pairs reset after a non-finite loss, in total.
+        scale: float32 scalar, the running scale of the pairs' loss differences
+            (``clip_outliers``); 0 before the first window.
     """
 
     episode_step: tf.Tensor
@@ -117,6 +119,7 @@ class EstimatorState(NamedTuple):
     final_accumulator: tf.Tensor
     guided: guided_lib.GuidedState
     diverged: tf.Tensor
+    scale: tf.Tensor
 
 
 class WindowPartials(NamedTuple):
@@ -157,6 +160,8 @@ class WindowResult(NamedTuple):
         valid_pairs: int32, pairs whose window was finite and credited (a pair whose
             huge but finite losses overflow their difference or credit is not).
         diverged_pairs: int32, pairs reset in this window after a non-finite loss.
+        clipped_pairs: int32, valid pairs whose loss difference was clipped
+            (``clip_outliers``).
         pair_gradients: float32 ``[pairs, dim]``, each pair's own estimate (zeros for
             invalid pairs); ``gradient`` is their mean over valid pairs. Under a
             strategy: only this replica's pairs.
@@ -168,6 +173,7 @@ class WindowResult(NamedTuple):
     valid_pairs: tf.Tensor
     diverged_pairs: tf.Tensor
     pair_gradients: tf.Tensor
+    clipped_pairs: tf.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +206,15 @@ class Estimator:
         normalize: Divide the estimate by the spread (std over valid pairs) of the
             pairs' credited differences in the window (summed per-step differences, or
             the window-end meta-loss differences), making the step size scale-free.
+        clip_outliers: A pair whose credited difference (as ``normalize`` measures it)
+            exceeds this multiple of the scale of the pairs' differences is credited
+            at that bound instead (default 10; None turns it off). The scale is the
+            larger of the window's median difference over valid pairs and a running
+            average of past windows' medians, so one outlier (a particle reporting
+            1e30) cannot move theta far or overflow the outer optimizer's slots, while
+            ordinary differences (Gaussian-like: 10 medians is 6.7 standard
+            deviations) are never touched. Clipping biases the estimate where it acts;
+            the number of clipped pairs is reported (``WindowResult.clipped_pairs``).
     """
 
     name: str
@@ -214,6 +229,7 @@ class Estimator:
     guided: GuidedConfig | None = None
     clip_loss_difference: float | None = None
     normalize: bool = False
+    clip_outliers: float | None = 10.0
 
     def __post_init__(self):
         checks.sigma(self.sigma)
@@ -239,6 +255,11 @@ class Estimator:
                 "objective='final' and a horizon.")
         if self.clip_loss_difference is not None:
             checks.positive_float("clip_loss_difference", self.clip_loss_difference)
+        if self.clip_outliers is not None:
+            checks.positive_float("clip_outliers", self.clip_outliers)
+            if self.clip_outliers < 1:
+                raise ValueError(f"clip_outliers={self.clip_outliers!r} is invalid; expected "
+                                 "a multiple >= 1 of the median difference (or None).")
         if self.guided is not None and not isinstance(self.guided, GuidedConfig):
             raise ValueError(f"guided={self.guided!r} is invalid; expected a GuidedConfig or None.")
 
@@ -258,7 +279,8 @@ class Estimator:
             episode_step=zeros_i, episode=zeros_i, draws=zeros_i, steps=zeros_i,
             noise=zeros_v, score=zeros_v, accumulator=zeros_v,
             final_difference=tf.zeros([num_pairs], tf.float32), final_accumulator=zeros_v,
-            guided=guided_lib.init(k, dim), diverged=tf.constant(0, tf.int32))
+            guided=guided_lib.init(k, dim), diverged=tf.constant(0, tf.int32),
+            scale=tf.constant(0.0))
 
     def _staggered(self) -> bool:
         return self.stagger and self.horizon is not None and self.horizon > 1
@@ -378,35 +400,53 @@ class Estimator:
                 shard: distribute_lib.Shard):
         """Sums the replicas' `WindowPartials` into the window's estimate.
 
-        One all-reduce of ``dim + 6`` floats (the partial estimate, counts and loss
-        sums), plus two floats per pair (over all replicas) with ``normalize``. Every
-        replica gets the same result, and the same ``state.diverged``.
+        With ``clip_outliers`` or ``normalize``, one all-reduce gathers every pair's
+        credited difference (two floats per pair over all replicas) first; then one of
+        ``dim + 7`` floats (the partial estimate, counts and loss sums). Every replica
+        gets the same result, and the same ``state.diverged`` and ``state.scale``.
 
         Returns:
             ``(state, WindowResult)``.
         """
         dim = int(partials.pair_gradients.shape[-1])
-        valid_count = tf.reduce_sum(tf.cast(partials.valid, tf.float32))
-        pieces = [tf.reduce_sum(partials.pair_gradients, 0),
-                  tf.stack([valid_count, partials.loss_sum, partials.loss_count,
-                            partials.meta_sum, partials.meta_count,
-                            tf.cast(partials.diverged, tf.float32)])]
-        if self.normalize:
-            # The spread needs every pair's difference: each replica writes its own into
-            # a zero vector over all pairs, so the same sum carries them (x + 0 is exact)
-            # with static shapes, in the one reduction per window.
+        pair_gradients = partials.pair_gradients
+        spread = clipped = None
+        new_scale = state.scale
+        if self.normalize or self.clip_outliers is not None:
+            # Every pair's difference: each replica writes its own into a zero vector over
+            # all pairs, so one sum carries them (x + 0 is exact) with static shapes.
             index = (shard.first_pair + tf.range(tf.shape(partials.valid)[0]))[:, None]
             size = [shard.total_pairs]
-            pieces += [tf.scatter_nd(index, partials.differences, size),
-                       tf.scatter_nd(index, tf.cast(partials.valid, tf.float32), size)]
-        total = shard.all_reduce(tf.concat(pieces, 0))
+            gathered = shard.all_reduce(tf.stack([
+                tf.scatter_nd(index, tf.where(partials.valid, partials.differences, 0.0), size),
+                tf.scatter_nd(index, tf.cast(partials.valid, tf.float32), size)]))
+            differences, valid = gathered[0], gathered[1] > 0.5
+            if self.normalize:
+                spread = _masked_std(differences, valid)
+            if self.clip_outliers is not None:
+                median = _masked_median(tf.abs(differences), valid & (differences != 0.0))
+                bound = self.clip_outliers * tf.maximum(state.scale, median)
+                magnitude = tf.abs(partials.differences)
+                over = partials.valid & (bound > 0.0) & (magnitude > bound)
+                factor = tf.where(over, bound / tf.where(over, magnitude, 1.0), 1.0)
+                pair_gradients = pair_gradients * factor[:, None]
+                clipped = tf.reduce_sum(tf.cast(over, tf.float32))
+                # The running scale follows the windows' medians (robust to the outliers
+                # it exists for); a window without a nonzero difference leaves it.
+                new_scale = tf.where(median > 0.0,
+                                     tf.where(state.scale > 0.0,
+                                              0.9 * state.scale + 0.1 * median, median),
+                                     state.scale)
+        valid_count = tf.reduce_sum(tf.cast(partials.valid, tf.float32))
+        counts = [valid_count, partials.loss_sum, partials.loss_count, partials.meta_sum,
+                  partials.meta_count, tf.cast(partials.diverged, tf.float32),
+                  clipped if clipped is not None else tf.constant(0.0)]
+        total = shard.all_reduce(tf.concat([tf.reduce_sum(pair_gradients, 0),
+                                            tf.stack(counts)], 0))
         valid_count = total[dim]
         gradient = total[:dim] / tf.maximum(valid_count, 1.0)
-        if self.normalize:
-            pairs = shard.total_pairs
-            differences = total[dim + 6:dim + 6 + pairs]
-            valid = total[dim + 6 + pairs:] > 0.5
-            gradient = tf.math.divide_no_nan(gradient, _masked_std(differences, valid))
+        if spread is not None:
+            gradient = tf.math.divide_no_nan(gradient, spread)
         gradient = tf.where(tf.math.is_finite(gradient), gradient, 0.0)
         # Counts are exact in float32 up to 2^24.
         diverged = tf.cast(tf.round(total[dim + 5]), tf.int32)
@@ -416,7 +456,7 @@ class Estimator:
         meta_mean = (tf.where(total[dim + 4] > 0, tf.math.divide_no_nan(total[dim + 3],
                                                                          total[dim + 4]), nan)
                      if self.objective == "final" else nan)
-        state = state._replace(diverged=state.diverged + diverged)
+        state = state._replace(diverged=state.diverged + diverged, scale=new_scale)
         return state, WindowResult(
             gradient=gradient,
             loss=tf.where(total[dim + 2] > 0,
@@ -424,7 +464,8 @@ class Estimator:
             meta_loss=meta_mean,
             valid_pairs=tf.cast(tf.round(valid_count), tf.int32),
             diverged_pairs=diverged,
-            pair_gradients=partials.pair_gradients)
+            pair_gradients=pair_gradients,
+            clipped_pairs=tf.cast(tf.round(total[dim + 6]), tf.int32))
 
     # ------------------------------------------------------------------ internals
     def _offsets(self, pair_index, total_pairs):
@@ -721,6 +762,13 @@ def _telescoped(state, f_plus, f_minus, clip):
     term = (difference[:, None] * state.accumulator
             - state.final_difference[:, None] * state.final_accumulator)
     return difference, term, finite
+
+
+def _masked_median(x, mask):
+    """The lower median of ``x`` where ``mask``; 0 where ``mask`` is empty."""
+    count = tf.reduce_sum(tf.cast(mask, tf.int32))
+    ordered = tf.sort(tf.where(mask, x, tf.float32.max))
+    return tf.where(count > 0, tf.gather(ordered, tf.maximum(count - 1, 0) // 2), 0.0)
 
 
 def _masked_std(x, mask):

@@ -679,6 +679,7 @@ class ESOracle(keras_tuner.Oracle):
                 self.objective.name: None if mean_loss is None else sign * mean_loss,
                 "valid_pairs": int(result.valid_pairs),
                 "diverged_pairs": int(result.diverged_pairs),
+                "clipped_pairs": int(result.clipped_pairs),
                 "updated": applied,
                 "gradient_norm": float(tf.norm(result.gradient)),
                 "gradient": [float(v) for v in result.gradient.numpy()],
@@ -1179,6 +1180,10 @@ def _to_json(state) -> list:
 
 def _from_json(saved: list, template):
     leaves = tf.nest.flatten(template)
+    if len(saved) == len(leaves) - 1:
+        # Saved by keras_es 0.1, before the running scale of loss differences (the
+        # last field): it starts at 0, as in a new search.
+        saved = [*saved, np.asarray(leaves[-1]).tolist()]
     if len(saved) != len(leaves):
         raise ValueError("The saved estimator state does not match this ESOracle's estimator.")
     restored = [tf.constant(np.asarray(v, t.dtype.as_numpy_dtype).reshape(t.shape), t.dtype)

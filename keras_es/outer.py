@@ -55,7 +55,9 @@ class MetaTrainer:
             `SearchSpace` (its declared values are encoded
             and `values` decodes theta back to natural units).
         num_particles: N, an even number (antithetic pairs).
-        optimizer: A Keras optimizer for theta; default ``SGD(learning_rate=0.01)``.
+        optimizer: A Keras optimizer for theta; default ``Adam(0.01)``, as in
+            `keras_es.ESCallback` and `keras_es.ESOracle`: its steps are bounded by its
+            learning rate, so no single estimate can throw theta far.
         seed: Integer seed from which every perturbation, data key and
             re-initialization key is derived.
         surrogate: Optional tensor function pushed into the guided FIFO before every
@@ -116,7 +118,7 @@ class MetaTrainer:
         self.surrogate = surrogate
         self.jit_compile = bool(jit_compile)
         with strategy.scope():  # mirrored meta-state: one identical copy per replica
-            self.optimizer = optimizer or keras.optimizers.SGD(learning_rate=0.01)
+            self.optimizer = optimizer or keras.optimizers.Adam(0.01)
             self.theta = keras.Variable(initial.astype(np.float32), name="theta")
             self.optimizer.build([self.theta])
             self.outer_step = tf.Variable(0, dtype=tf.int64, name="outer_step")
@@ -182,6 +184,7 @@ class MetaTrainer:
             "gradient_norm": float(tf.norm(result.gradient)),
             "valid_pairs": int(result.valid_pairs),
             "diverged_pairs": int(result.diverged_pairs),
+            "clipped_pairs": int(result.clipped_pairs),
             # False when the update was skipped or undone (see `outer_update`).
             "updated": bool(updated),
         }
@@ -345,5 +348,5 @@ def _estimator_rows(state: EstimatorState, pairs_per_replica: int) -> EstimatorS
     guided FIFO and the divergence count are the same on every replica."""
     per_pair = tf.nest.map_structure(lambda _: pairs_per_replica, state)
     return per_pair._replace(guided=tf.nest.map_structure(lambda _: 0, state.guided),
-                             diverged=0)
+                             diverged=0, scale=0)
 

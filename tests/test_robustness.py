@@ -315,3 +315,106 @@ def test_trainer_seed_and_optimizer_are_checked():
         keras_es.MetaTrainer(system, keras_es.pes(0.1, 1), [0.5], 4, optimizer="adam")
     with pytest.raises(ValueError, match="jit_compile='no'"):
         keras_es.MetaTrainer(system, keras_es.pes(0.1, 1), [0.5], 4, jit_compile="no")
+
+
+class _Outlier(keras_es.UnrolledSystem):
+    """The README's noisy quadratic (SGD on 0.5 * sum(h * w**2), theta = log rate),
+    plus scripted outliers: ``script(step, loss [N]) -> loss`` may replace any
+    particle's loss at any outer step."""
+
+    def __init__(self, script, dim=10):
+        self.h = np.geomspace(1.0, 0.01, dim).astype("float32")
+        self.script, self.calls = script, tf.Variable(0)
+
+    def init(self, keys):
+        return keras_es.noise.normal_rows(keys, len(self.h))
+
+    def step(self, w, theta, keys):
+        rate = tf.exp(theta[:, :1])
+        noise = keras_es.noise.normal_rows(keys, len(self.h))
+        w = w - rate * (self.h * w + np.sqrt(self.h) * noise)
+        loss = 0.5 * tf.reduce_sum(self.h * w**2, axis=-1)
+        self.calls.assign_add(1)
+        return w, self.script(self.calls, loss), None
+
+
+@pytest.mark.parametrize("optimizer", ["default", "adam", "sgd"])
+def test_one_huge_finite_loss_neither_freezes_nor_throws_theta(optimizer):
+    """One particle reports 1e30 once (finite): with Adam (the default) it used to fill
+    the second moment with inf, so every later update was rejected and theta froze;
+    with SGD(0.01) it threw theta to ~1e20. Clipped at 10 medians, it is one bounded
+    step among many, counted in clipped_pairs."""
+    def script(calls, loss):
+        hit = tf.logical_and(tf.equal(calls, 31), tf.range(tf.shape(loss)[0]) == 3)
+        return tf.where(hit, 1e30, loss)
+
+    kwargs = {"default": {}, "adam": {"optimizer": keras.optimizers.Adam(0.01)},
+              "sgd": {"optimizer": keras.optimizers.SGD(0.01)}}[optimizer]
+    trainer = keras_es.MetaTrainer(_Outlier(script), keras_es.es_single(0.1, 10, horizon=100,
+                                                                        stagger=False),
+                                   [np.log(0.01)], 64, seed=0, **kwargs)
+    history = trainer.train(40)
+    theta = np.array(history["theta_0"])
+    assert np.isfinite(theta).all() and np.all(np.abs(np.diff(theta)) < 0.5)
+    assert len(set(theta[5:].tolist())) == 35  # every window moved theta, after too
+    # Still learning: the rate rose from 0.01 toward the noisy quadratic's optimum.
+    assert theta[-1] > theta[5] > np.log(0.01)
+    assert sum(history["clipped_pairs"]) >= 1 and all(history["updated"])
+
+
+OUTLIERS = np.array([np.inf, -np.inf, np.nan, 1e30, -1e30, 3e38, 1e15], np.float32)
+
+
+def test_fuzz_the_trainer_with_non_finite_and_huge_losses():
+    """Random particles report random outliers (inf, NaN, +-1e30, 3e38, 1e15) at random
+    steps: theta stays finite, and every window with a valid pair moves it."""
+    rng = np.random.default_rng(7)
+    steps = 10 * 60
+    table = np.ones([steps + 1, 16], np.float32)  # 1: keep the loss; else: replace it
+    hits = rng.random(table.shape) < 0.01
+    table[hits] = rng.choice(OUTLIERS, hits.sum())
+    table = tf.constant(table)
+
+    def script(calls, loss):
+        row = table[tf.minimum(calls, steps)]
+        return tf.where(row == 1.0, loss, row)
+
+    trainer = keras_es.MetaTrainer(_Outlier(script), keras_es.es_single(0.1, 10, horizon=100,
+                                                                        stagger=False),
+                                   [np.log(0.01)], 16, seed=1)
+    history = trainer.train(60)
+    theta = np.array(history["theta_0"])
+    assert np.isfinite(theta).all() and np.all(np.abs(np.diff(theta)) < 0.5)
+    assert sum(history["diverged_pairs"]) > 10 and sum(history["clipped_pairs"]) > 3
+    for valid, updated in zip(history["valid_pairs"], history["updated"], strict=True):
+        assert updated == (valid > 0)
+    assert theta[-1] > np.log(0.01)  # still learning through it all
+
+
+def test_fuzz_the_oracle_with_non_finite_and_huge_losses(tmp_path):
+    import keras_tuner as kt
+
+    space = kt.HyperParameters()
+    space.Float("lr", 1e-4, 1.0, sampling="log", default=1e-3)
+    oracle = keras_es.ESOracle(objective="val_loss", max_trials=None, num_particles=8,
+                               sigma=0.3, truncation_length=1, horizon=4, seed=0,
+                               stagger=False, hyperparameters=space, outer_learning_rate=0.1)
+    oracle._set_project_dir(str(tmp_path), "p")
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        for _ in range(8):
+            trial = oracle.create_trial("t")
+            loss = (np.log10(trial.hyperparameters.values["lr"]) + 1.0) ** 2
+            if rng.random() < 0.1:
+                loss = float(rng.choice(OUTLIERS))
+            oracle.update_trial(trial.trial_id, {"val_loss": loss})
+            trial.status = "COMPLETED"
+            oracle.end_trial(trial)
+    history = oracle.history
+    assert len(history) == 40
+    assert all(np.isfinite(list(h["values"].values())).all() for h in history)
+    for h in history:
+        assert h["updated"] == (h["valid_pairs"] > 0)
+    # The optimum is lr = 0.1: from 1e-3 it moved most of the way (in log10 units).
+    assert np.log10(oracle.mean_values()["lr"]) > -1.5
+    json.dumps(oracle.get_state(), allow_nan=False)  # no NaN in oracle.json
