@@ -4,8 +4,9 @@ ES needs very little to cross devices: every replica can regenerate any pair's n
 minibatch and re-initialization keys from integers (`keras_es.noise`), so a replica
 that holds pairs ``[first_pair, first_pair + pairs_per_replica)`` runs them on its own
 and contributes only a ``dim``-sized partial estimate and a handful of scalars to one
-all-reduce per window (plus two floats per pair when the estimator normalizes by the
-spread of the pairs' loss differences). No model-sized tensor is ever exchanged: theta
+all-reduce per window, after one of two floats per pair (every pair's loss difference
+and validity, which the estimator's outlier clipping and ``normalize`` need). No
+model-sized tensor is ever exchanged: theta
 and the outer optimizer are mirrored and updated identically on every replica from the
 same reduced estimate.
 

@@ -655,6 +655,14 @@ class Estimator:
             meta_sum = tf.reduce_sum(tf.where(both_ok, both, 0.0))
             meta_count = tf.reduce_sum(tf.cast(both_ok, tf.float32))
 
+        # A state that went non-finite in the window's last step (its loss, computed
+        # before the update, was still finite) would be caught only in the next window,
+        # after a checkpoint could have saved it: restart that pair now.
+        broken = ~_finite_particles(system_state, num_pairs) & ~invalid & (wait < num_steps)
+        invalid |= broken
+        diverged += tf.reduce_sum(tf.cast(broken, tf.int32))
+        system_state, state = self._restart(system, system_state, state, broken, seed,
+                                            pair_index)
         # Pairs that waited the whole window (`window(active=...)`) are not counted, nor
         # pairs whose finite losses overflowed their difference or their credit (huge
         # but finite losses): left out by name rather than zeroing the whole estimate.
@@ -762,6 +770,17 @@ def _telescoped(state, f_plus, f_minus, clip):
     term = (difference[:, None] * state.accumulator
             - state.final_difference[:, None] * state.final_accumulator)
     return difference, term, finite
+
+
+def _finite_particles(system_state, num_pairs: int) -> tf.Tensor:
+    """bool ``[pairs]``: both twins' floating-point state leaves are finite."""
+    ok = tf.ones([2 * num_pairs], tf.bool)
+    for leaf in tf.nest.flatten(system_state):
+        leaf = tf.convert_to_tensor(leaf)
+        if leaf.dtype.is_floating and leaf.shape.rank and leaf.shape[0] == 2 * num_pairs:
+            flat = tf.reshape(leaf, [2 * num_pairs, -1])
+            ok &= tf.reduce_all(tf.math.is_finite(flat), axis=1)
+    return ok[0::2] & ok[1::2]
 
 
 def _masked_median(x, mask):

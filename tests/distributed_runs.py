@@ -38,7 +38,7 @@ def oracle_trainer(strategy):
     from keras_es import testing
 
     # PES on the telescoped final loss, normalized: every reduction path is exercised
-    # (the dim-sized all-reduce and the per-pair all-gather of the spread).
+    # (the dim-sized all-reduce and the per-pair gather of the differences).
     estimator = keras_es.pes(0.1, 3, horizon=7, objective="final", normalize=True)
     with strategy.scope():
         optimizer = keras.optimizers.Adam(0.05)

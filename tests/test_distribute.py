@@ -114,13 +114,16 @@ def test_callback_inherits_the_fitted_models_strategy(mirrored_runs):
 
 
 def test_only_small_tensors_cross_replicas(mirrored_runs):
-    """One all-reduce of dim + 6 floats per replica and step, whatever the model size;
-    no implicit copies between replicas (the data and weights are mirrored)."""
+    """Per replica and step, whatever the model size: one all-reduce of every pair's
+    loss difference and validity (2 x pairs floats, for clip_outliers) and one of
+    dim + 7 floats; no implicit copies between replicas (the data and weights are
+    mirrored)."""
     small, large = (mirrored_runs[2][f"payloads/{h}"] for h in (8, 1024))
     assert large["parameters"] > 100 * small["parameters"]
     for run in (small, large):
-        assert [e["kind"] for e in run["entries"]] == ["collective", "collective"]
-        assert {e["bytes"] for e in run["entries"]} == {(2 + 6) * 4}  # dim = 2
+        assert [e["kind"] for e in run["entries"]] == ["collective"] * 4  # 2 per replica
+        # dim = 2; 8 particles = 4 pairs
+        assert sorted({e["bytes"] for e in run["entries"]}) == [2 * 4 * 4, (2 + 7) * 4]
     assert small["entries"] == large["entries"]
 
 

@@ -418,3 +418,34 @@ def test_fuzz_the_oracle_with_non_finite_and_huge_losses(tmp_path):
     # The optimum is lr = 0.1: from 1e-3 it moved most of the way (in log10 units).
     assert np.log10(oracle.mean_values()["lr"]) > -1.5
     json.dumps(oracle.get_state(), allow_nan=False)  # no NaN in oracle.json
+
+
+def test_a_state_that_breaks_in_a_windows_last_step_is_restarted_before_any_save(tmp_path):
+    """A particle whose weights become NaN in the last step of a window (its loss was
+    computed before the update, so it was finite) is restarted in that window: the
+    checkpoint saved after it holds no non-finite value."""
+    class BreaksLate(keras_es.UnrolledSystem):
+        def init(self, keys):
+            return tf.zeros([tf.shape(keys)[0], 3])
+
+        def step(self, state, theta, keys):
+            loss = tf.reduce_sum(tf.square(state - theta[:, :1]), axis=1) + 1.0
+            broken = (tf.range(tf.shape(state)[0]) == 5)[:, None]
+            # Particle 5 (pair 2, theta ~ 0.9) turns NaN at its fourth step, the last of
+            # window 2.
+            new = state + 0.1 * theta[:, :1]
+            new = tf.where(broken & (state[:, :1] > 0.25), np.nan, new)
+            return new, loss, None
+
+    trainer = keras_es.MetaTrainer(BreaksLate(), keras_es.es_single(0.1, 2, horizon=40,
+                                                                    stagger=False),
+                                   [1.0], 8, seed=0)
+    diverged = [trainer.step()["diverged_pairs"] for _ in range(2)]  # save right after
+    assert sum(diverged) >= 1
+    path = trainer.save(str(tmp_path / "ckpt"))
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.isfinite(value).all(), name
+    assert np.isfinite(trainer.system_state.numpy()).all()
