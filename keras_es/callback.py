@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -11,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_es import backup as backup_lib
 from keras_es import checks, distribute, engine, noise, schedules
 from keras_es.estimators import ESTIMATORS, Estimator, GuidedConfig
 from keras_es.keras_system import KerasSystem, as_tensors
@@ -312,19 +312,30 @@ class ESCallback(keras.callbacks.Callback):
                 key = noise.pair_seeds(self.seed, noise.STREAM_SURROGATE,
                                        tf.constant([0]), tf.cast(outer_step, tf.int32)[None])[0]
                 return system.hypergradient(system_state, theta, key)
-        self.trainer = MetaTrainer(
-            system, estimator, self.space, self.num_particles, optimizer=outer_optimizer,
-            seed=self.seed, surrogate=surrogate, jit_compile=self._use_xla(estimator, population),
-            strategy=strategy)
-        self._batches = 0
+        jit = self._use_xla(estimator, population)
+        user_optimizer = self.outer_optimizer is not None
+
+        def build(optimizer=outer_optimizer):
+            return MetaTrainer(system, estimator, self.space, self.num_particles,
+                               optimizer=optimizer, seed=self.seed, surrogate=surrogate,
+                               jit_compile=jit, strategy=strategy)
+
+        def rebuild():
+            if user_optimizer:  # built for the first trainer's theta: cannot serve two
+                raise backup_lib.ESStateError(
+                    f"The ES saves in {self.backup_dir} are damaged and the run must be "
+                    "replayed from its start, which needs a fresh outer_optimizer; run "
+                    "again (a new process) to replay it.")
+            with strategy.scope():
+                return build(keras.optimizers.Adam(0.01))
+
+        self.trainer, self._rebuild = build(), rebuild
+        self._batches = self._windows = 0
         self._last_iterations = None
+        # The ES state is restored at the first batch, once Keras's BackupAndRestore
+        # (whatever its place in the callback list) has restored the model's step count.
+        self._restore_pending = bool(self.backup_dir)
         self.window_history = []
-        if self.backup_dir and os.path.exists(self._pointer_path):
-            with open(self._pointer_path) as f:
-                pointer = json.load(f)
-            self.trainer.restore(os.path.join(self.backup_dir, pointer["prefix"]))
-            self._batches = pointer["batches"]
-        self._windows = self._batches // self.trainer.estimator.truncation_length
         self._apply(retrace=True)
 
     def _use_xla(self, estimator, population) -> bool:
@@ -341,7 +352,25 @@ class ESCallback(keras.callbacks.Callback):
             # Read here, not at train begin: BackupAndRestore may restore the optimizer
             # in its own on_train_begin, after this callback's.
             self._last_iterations = int(self.model.optimizer.iterations.numpy())
+            if self._restore_pending:
+                self._restore()
         self._set_learning_rate()
+
+    def _restore(self):
+        """Resumes the ES state saved in ``backup_dir`` at the model's step count,
+        replaying the windows a kill between the two epoch-end saves cut off."""
+        self._restore_pending = False
+        backup = backup_lib.ESBackup(self.backup_dir)
+        self.trainer, restored, target = backup.restore(self.trainer, self._last_iterations,
+                                                        self._rebuild)
+        if target is None:  # a new ES run
+            backup.mark_start(self._last_iterations)
+            return
+        self._windows = restored // self.trainer.estimator.truncation_length
+        self._batches = target
+        self._run_due_windows()
+        self.window_history = []  # only this fit's windows since the restart
+        self._apply(retrace=True)
 
     def on_train_batch_end(self, batch, logs=None):
         # Count optimizer steps, not calls: with compile(steps_per_execution=S) Keras
@@ -349,6 +378,10 @@ class ESCallback(keras.callbacks.Callback):
         iterations = int(self.model.optimizer.iterations.numpy())
         self._batches += iterations - self._last_iterations
         self._last_iterations = iterations
+        self._run_due_windows()
+
+    def _run_due_windows(self):
+        """Runs every window whose K batches are complete."""
         length = self.trainer.estimator.truncation_length
         while self._windows < self._batches // length:
             self._windows += 1
@@ -439,25 +472,9 @@ class ESCallback(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
 
     # ------------------------------------------------------------------ backups
-    @property
-    def _pointer_path(self):
-        return os.path.join(self.backup_dir, "es_state.json")
-
     def _save(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        # Alternate between two checkpoints and switch an atomically replaced pointer,
-        # so an interruption mid-write never leaves only a torn checkpoint.
-        current = None
-        if os.path.exists(self._pointer_path):
-            with open(self._pointer_path) as f:
-                current = json.load(f)["prefix"]
-        prefix = "es_state_b" if current == "es_state_a" else "es_state_a"
-        self.trainer.save(os.path.join(self.backup_dir, prefix))
-        tmp = self._pointer_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"prefix": prefix, "batches": self._batches,
-                       "outer_step": int(self.trainer.outer_step.numpy())}, f)
-        os.replace(tmp, self._pointer_path)
+        backup_lib.ESBackup(self.backup_dir).save(
+            self.trainer, self._batches, int(self.model.optimizer.iterations.numpy()))
 
     def get_config(self) -> dict:
         estimator = self.estimator if isinstance(self.estimator, str) else self.estimator.name

@@ -251,6 +251,90 @@ def test_a_killed_fit_resumes_the_same_theta_trajectory(tmp_path):
     np.testing.assert_allclose(got["theta"], expected["theta"], rtol=1e-6)
 
 
+_BETWEEN_SAVES_SCRIPT = """
+import json, os, signal, sys
+import keras
+sys.path.insert(0, {tests!r})
+import test_callback as t
+
+out, backup, order, kill_epoch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+class Kill(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == kill_epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+es, keras_backup = t._callback(backup_dir=backup), keras.callbacks.BackupAndRestore(backup)
+callbacks = ([keras_backup, Kill(), es] if order == "keras_first"
+             else [es, Kill(), keras_backup])
+history = t._model().fit(t.X, t.Y, batch_size=32, epochs=4, shuffle=False, verbose=0,
+                         callbacks=callbacks)
+with open(out, "w") as f:
+    json.dump({{"theta": es.trainer.theta_value.tolist(),
+               "outer_step": int(es.trainer.outer_step.numpy())}}, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["keras_first", "es_first"])
+def test_a_kill_between_the_two_epoch_end_saves_resumes_exactly(tmp_path, order):
+    """SIGKILL after one of Keras's and keras_es's epoch-end saves and before the other
+    (either order in the callback list): the rerun ends with the uninterrupted run's
+    theta and outer step, not one epoch of windows lost or repeated."""
+    script = tmp_path / "fit.py"
+    script.write_text(_BETWEEN_SAVES_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+    def run(name, kill_epoch):
+        return subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.json"),
+                               str(tmp_path / "backup"), order, str(kill_epoch)], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    killed = run("killed", 1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run("resumed", -1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    model, callback = _model(), _callback()
+    model.fit(X, Y, batch_size=32, epochs=4, shuffle=False, verbose=0, callbacks=[callback])
+    got = json.loads((tmp_path / "resumed.json").read_text())
+    assert got["outer_step"] == int(callback.trainer.outer_step.numpy()) == 16
+    np.testing.assert_allclose(got["theta"], callback.trainer.theta_value, rtol=1e-6)
+
+
+def test_damaged_or_missing_es_state_is_named_and_never_silently_restarted(tmp_path):
+    """A damaged ES save is reported by name and the intact one used (the windows since
+    replayed); with every ES save and the start record gone while Keras's backup
+    resumes the fit, the fit refuses instead of starting ES over."""
+    backup = tmp_path / "backup"
+
+    def fit(callback, *extra):
+        model = _model()
+        model.fit(X, Y, batch_size=32, epochs=3, shuffle=False, verbose=0,
+                  callbacks=[keras.callbacks.BackupAndRestore(str(backup)), callback, *extra])
+        return callback
+
+    straight = _callback()
+    _model().fit(X, Y, batch_size=32, epochs=3, shuffle=False, verbose=0,
+                 callbacks=[straight])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(_callback(backup_dir=str(backup)), Interrupt(2, 3))
+    # Both epochs' ES saves are there (slots a, b); damage the newest (epoch 1, in b).
+    (backup / "es_state_b.json").write_text('{"batches": 3')
+    with pytest.warns(RuntimeWarning, match="es_state_b.json"):
+        resumed = fit(_callback(backup_dir=str(backup)))
+    # Resumed from the epoch-0 save, epoch 1's windows replayed, epoch 2 trained.
+    assert int(resumed.trainer.outer_step.numpy()) == 12
+    np.testing.assert_allclose(resumed.trainer.theta_value, straight.trainer.theta_value,
+                               rtol=1e-6)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(_callback(backup_dir=str(backup)), Interrupt(1, 3))
+    for name in os.listdir(backup):
+        if name.startswith("es_"):
+            os.remove(backup / name)
+    with pytest.raises(ValueError, match="no usable ES state"):
+        fit(_callback(backup_dir=str(backup)))
+
+
 def test_auto_jit_compile_follows_window_count_and_population():
     callback = _callback()
     callback.params = {"steps": 16, "epochs": 1000}  # 4,000 windows of K = 4
