@@ -11,15 +11,15 @@ import numpy as np
 import tensorflow as tf
 
 from keras_es import backup as backup_lib
-from keras_es import checks, distribute, engine, noise, schedules
+from keras_es import checks, distribute, engine, keras_compat, noise, schedules
 from keras_es.estimators import ESTIMATORS, Estimator, GuidedConfig
 from keras_es.keras_system import KerasSystem, as_tensors
 from keras_es.outer import MetaTrainer
 from keras_es.transforms import SearchSpace
 
 _KERAS_OPTIMIZER = {engine.SGD: keras.optimizers.SGD, engine.Adam: keras.optimizers.Adam}
-# Optimizer attributes Keras reads as Python floats when it traces the train step: a
-# new value takes effect only after the step is traced again (once per epoch here).
+# Optimizer attributes Keras reads as Python floats when it traces the train step;
+# tuned ones are served from variables instead (keras_compat.read_at_run_time).
 _TRACED = {engine.SGD: ("momentum", "weight_decay"),
            engine.Adam: ("beta_1", "beta_2", "weight_decay")}
 
@@ -330,13 +330,20 @@ class ESCallback(keras.callbacks.Callback):
                 return build(keras.optimizers.Adam(0.01))
 
         self.trainer, self._rebuild = build(), rebuild
+        tuned = [a for a in _TRACED[type(self.inner_optimizer)]
+                 if isinstance(getattr(self.inner_optimizer, a), str)]
+        with model.distribute_strategy.scope():
+            self._knobs = keras_compat.read_at_run_time(model.optimizer, tuned)
+        if tuned:
+            # Traced once more, now reading them from variables; never again this fit.
+            model.make_train_function(force=True)
         self._batches = self._windows = 0
         self._last_iterations = None
         # The ES state is restored at the first batch, once Keras's BackupAndRestore
         # (whatever its place in the callback list) has restored the model's step count.
         self._restore_pending = bool(self.backup_dir)
         self.window_history = []
-        self._apply(retrace=True)
+        self._apply()
 
     def _use_xla(self, estimator, population) -> bool:
         if self.jit_compile != "auto":
@@ -370,7 +377,7 @@ class ESCallback(keras.callbacks.Callback):
         self._batches = target
         self._run_due_windows()
         self.window_history = []  # only this fit's windows since the restart
-        self._apply(retrace=True)
+        self._apply()
 
     def on_train_batch_end(self, batch, logs=None):
         # Count optimizer steps, not calls: with compile(steps_per_execution=S) Keras
@@ -389,14 +396,13 @@ class ESCallback(keras.callbacks.Callback):
             self.window_history.append({"batches": self._windows * length,
                                         "theta": self.trainer.theta_value.tolist(),
                                         **{k: self._window_logs[k] for k in _WINDOW_KEYS}})
-            self._apply(retrace=False)
+            self._apply()
             if self.verbose == 2:
                 _print("ESCallback window: " + self._summary())
 
     def on_epoch_end(self, epoch, logs=None):
         if self.trainer is None:
             return
-        self._apply(retrace=True)
         if logs is not None:
             logs.update(self.epoch_logs())
         if self.backup_dir:
@@ -405,12 +411,18 @@ class ESCallback(keras.callbacks.Callback):
             _print(f"Epoch {epoch + 1}: ESCallback " + self._summary())
 
     def on_train_end(self, logs=None):
-        if self.trainer is None or not self.trainer.optimizer.use_ema:
+        if self.trainer is None:
             return
-        # Like Keras's fit for model weights: end with the outer optimizer's moving
-        # average of theta (use_ema=True), and apply it to the model.
-        self.trainer.finalize()
-        self._apply(retrace=True)
+        if self.trainer.optimizer.use_ema:
+            # Like Keras's fit for model weights: end with the outer optimizer's moving
+            # average of theta (use_ema=True), and apply it to the model.
+            self.trainer.finalize()
+            self._apply()
+        if self._knobs:
+            # Hand back a plain Keras optimizer holding the tuned floats; a later fit
+            # traces its own step with them.
+            keras_compat.restore_attributes(self.model.optimizer)
+            self.model.make_train_function(force=True)
 
     def epoch_logs(self) -> dict:
         """``es_<name>`` hyperparameter values (natural units) and the last window's
@@ -449,7 +461,7 @@ class ESCallback(keras.callbacks.Callback):
             self._lr_table = self.inner_optimizer.learning_rate(steps, hp).numpy().tolist()
         optimizer.learning_rate.assign(self._lr_table[index])
 
-    def _apply(self, retrace: bool):
+    def _apply(self):
         # theta changes only in a window or a restore, each followed by _apply: decode
         # it here once instead of on every batch.
         hp = self._hp = self.space.decode(tf.constant(self.trainer.theta_value[None]))
@@ -458,18 +470,9 @@ class ESCallback(keras.callbacks.Callback):
         population = self.trainer.system.population
         for index, name in population._bound.items():
             self.model.non_trainable_variables[index].assign(float(hp[name][0]))
-        if not retrace:
-            return
-        optimizer = self.model.optimizer
-        changed = False
-        for attribute in _TRACED[type(self.inner_optimizer)]:
-            value = getattr(self.inner_optimizer, attribute)
-            if isinstance(value, str) and float(hp[value][0]) != getattr(optimizer, attribute):
-                setattr(optimizer, attribute, float(hp[value][0]))
-                changed = True
-        if changed:
-            # Keras bakes these floats into the traced step: trace it again.
-            self.model.make_train_function(force=True)
+        # Momentum, betas, weight decay: read by the traced step from variables.
+        for attribute, knob in self._knobs.items():
+            knob.assign(float(hp[getattr(self.inner_optimizer, attribute)][0]))
 
     # ------------------------------------------------------------------ backups
     def _save(self):
