@@ -345,7 +345,15 @@ class ESOracle(keras_tuner.Oracle):
     def set_state(self, state):
         super().set_state(state)
         self._es = state.get("es")
+        if self._es is None and (state.get("end_order") or state.get("ongoing_trials")):
+            # Trials ran, but the ES section is gone: starting ES over would silently
+            # throw away the learned theta.
+            raise ValueError(
+                "The saved search (oracle.json) has trials but no 'es' section, so "
+                "ESOracle cannot resume it; restore oracle.json, or start over with "
+                "overwrite=True (or another project_name).")
         if self._es is not None:
+            _check_es_state(self._es)
             if self.estimator is None:  # horizon=None: the saved search's
                 self.horizon = self._es["config"]["horizon"]
                 self._make_estimator()
@@ -1160,6 +1168,43 @@ def _initial_logits(hp) -> list[float]:
 def _distributed() -> bool:
     """Whether keras-tuner runs distributed (its chief/worker environment is set)."""
     return bool(os.environ.get("KERASTUNER_ORACLE_IP"))
+
+
+def _finite_numbers(value) -> bool:
+    """Whether ``value`` is a (nested) list of finite numbers."""
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _check_es_state(es) -> None:
+    """Refuses an 'es' section of oracle.json that is not what ESOracle writes (read
+    from storage: a torn write or a hand edit), naming what is wrong."""
+    def refuse(what):
+        raise ValueError(f"The saved search's ES state (oracle.json, 'es') is damaged: "
+                         f"{what}. Restore oracle.json, or start over with overwrite=True.")
+
+    if not isinstance(es, dict):
+        refuse(f"expected an object, got {type(es).__name__}")
+    for key in ("config", "theta", "optimizer", "estimator", "particles", "round_index",
+                "outer_step", "burn_in", "wait", "per_episode"):
+        if key not in es:
+            refuse(f"'{key}' is missing")
+    theta = es["theta"]
+    if not (isinstance(theta, list) and theta and _finite_numbers(theta)):
+        refuse(f"theta={theta!r} is not a non-empty list of finite numbers")
+    if not _finite_numbers(es["optimizer"]):
+        refuse("the outer optimizer's state holds non-finite or non-numeric values")
+    if not _finite_numbers(es["estimator"]):
+        refuse("the estimator state holds non-finite or non-numeric values")
+    for key in ("round_index", "outer_step", "burn_in"):
+        if not (isinstance(es[key], int) and not isinstance(es[key], bool) and es[key] >= 0):
+            refuse(f"{key}={es[key]!r} is not a non-negative integer")
+    if not (isinstance(es["particles"], list) and all(
+            isinstance(p, dict) and isinstance(p.get("checkpoint"), str)
+            and isinstance(p.get("previous"), str) for p in es["particles"])):
+        refuse("the particles' records are not what ESOracle writes")
 
 
 def _upgrade(es: dict) -> None:

@@ -603,3 +603,26 @@ def test_hyperparameters_declared_after_the_start_are_named_not_silently_frozen(
             if "shuffle" in t.hyperparameters.values} <= {False}
     tuner.results_summary()
     assert "shuffle: False  (not tuned: its default)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda state: state.pop("es"), "has trials but no 'es' section"),
+    (lambda state: state["es"]["theta"].__setitem__(0, float("nan")), "theta="),
+    (lambda state: state["es"]["optimizer"].__setitem__(  # Adam's first moment
+        2, [float("nan")] * len(state["es"]["optimizer"][2])), "outer optimizer"),
+    (lambda state: state["es"].__setitem__("round_index", -3), "round_index=-3"),
+    (lambda state: state["es"]["particles"][0].__setitem__("checkpoint", 7), "particles"),
+])
+def test_a_damaged_search_state_is_refused_by_name(tmp_oracle, damage, match):
+    """What oracle.json says is checked before the search resumes from it: a removed
+    ES section, a NaN theta or optimizer slot, a bad counter or record is refused with
+    the reason, instead of restarting ES, failing trials later or freezing theta."""
+    oracle = tmp_oracle(outer_optimizer=keras.optimizers.Adam(0.1))
+    for _ in range(2):
+        _run_round(oracle, _quadratic)
+    state = json.loads(json.dumps(oracle.get_state()))
+    damage(state)
+    twin = _oracle(outer_optimizer=keras.optimizers.Adam(0.1))
+    twin.trials = oracle.trials
+    with pytest.raises(ValueError, match=match):
+        twin.set_state(state)
