@@ -44,6 +44,36 @@ def _print(message: str) -> None:
 AUTO_JIT_MIN_WINDOWS = 500
 
 
+def _check_data(model: keras.Model, loss, name: str, data) -> None:
+    """Refuses ``data`` the model cannot train on, naming the argument, before any
+    window runs (the particles' step would fail later with TensorFlow's error, which
+    names neither): inputs of the wrong shape, integer class labels outside the model's
+    outputs, and targets the loss rejects (one-hot labels for a sparse loss)."""
+    x, y = data
+    rows = min(int(x.shape[0]), 64)
+
+    def refuse(error):
+        message = str(error).strip().splitlines()[0].split("}}")[-1].strip()[:300]
+        raise ValueError(
+            f"{name} does not fit the model: x of shape {tuple(x.shape)} and y of shape "
+            f"{tuple(y.shape)} gave: {message}") from None
+
+    try:
+        y_pred = model(x[:rows], training=False)
+    except (ValueError, TypeError, tf.errors.OpError) as error:
+        refuse(error)
+    classes = y_pred.shape[-1]
+    if y.dtype.is_integer and classes and classes > 1 and y.shape.rank < y_pred.shape.rank:
+        low, high = int(tf.reduce_min(y)), int(tf.reduce_max(y))
+        if low < 0 or high >= classes:
+            raise ValueError(f"{name} has class labels from {low} to {high}, but the model "
+                             f"has {classes} outputs; expected labels in [0, {classes}).")
+    try:
+        loss(y[:rows], y_pred)
+    except (ValueError, TypeError, tf.errors.OpError) as error:
+        refuse(error)
+
+
 class ESCallback(keras.callbacks.Callback):
     """Tunes the hyperparameters of the model being fit with ES on particle unrolls.
 
@@ -283,6 +313,9 @@ class ESCallback(keras.callbacks.Callback):
             # A Sequential model without an Input (as most Keras guides write them):
             # fit has built its layers from the first batch, but not the model itself.
             model.build((None, *train_data[0].shape[1:]))
+        for name, data in (("train_data", train_data), ("meta_data", meta_data)):
+            if data is not None:
+                _check_data(model, loss, name, data)
         outer_optimizer = self.outer_optimizer
         if outer_optimizer is None:
             with strategy.scope():

@@ -208,12 +208,13 @@ class Estimator:
             the window-end meta-loss differences), making the step size scale-free.
         clip_outliers: A pair whose credited difference (as ``normalize`` measures it)
             exceeds this multiple of the scale of the pairs' differences is credited
-            at that bound instead (default 10; None turns it off). The scale is the
-            larger of the window's median difference over valid pairs and a running
-            average of past windows' medians, so one outlier (a particle reporting
-            1e30) cannot move theta far or overflow the outer optimizer's slots, while
-            ordinary differences (Gaussian-like: 10 medians is 6.7 standard
-            deviations) are never touched. Clipping biases the estimate where it acts;
+            at that bound instead (default 100; None turns it off). The scale is the
+            larger of the window's (upper) median difference over valid pairs and a
+            running average of past windows' medians, so one outlier (a particle
+            reporting 1e30) cannot throw theta or overflow the outer optimizer's
+            slots, while ordinary differences are not touched (measured on a tuned
+            MLP with 4 pairs: 10 medians clipped a pair in about 1 window of 3, 100 in
+            none of 12 at a stable rate). Clipping biases the estimate where it acts;
             the number of clipped pairs is reported (``WindowResult.clipped_pairs``).
     """
 
@@ -229,7 +230,7 @@ class Estimator:
     guided: GuidedConfig | None = None
     clip_loss_difference: float | None = None
     normalize: bool = False
-    clip_outliers: float | None = 10.0
+    clip_outliers: float | None = 100.0
 
     def __post_init__(self):
         checks.sigma(self.sigma)
@@ -784,10 +785,11 @@ def _finite_particles(system_state, num_pairs: int) -> tf.Tensor:
 
 
 def _masked_median(x, mask):
-    """The lower median of ``x`` where ``mask``; 0 where ``mask`` is empty."""
+    """The upper median of ``x`` where ``mask``; 0 where ``mask`` is empty. (Upper: with
+    few pairs, the lower one of an even count understates the scale.)"""
     count = tf.reduce_sum(tf.cast(mask, tf.int32))
     ordered = tf.sort(tf.where(mask, x, tf.float32.max))
-    return tf.where(count > 0, tf.gather(ordered, tf.maximum(count - 1, 0) // 2), 0.0)
+    return tf.where(count > 0, tf.gather(ordered, count // 2), 0.0)
 
 
 def _masked_std(x, mask):

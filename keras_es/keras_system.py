@@ -15,6 +15,9 @@ from keras_es import checks
 from keras_es.engine import Population
 from keras_es.unrolled import UnrolledSystem
 
+# The most data as_tensors reads into memory before it calls a dataset endless.
+MAX_DATA_BYTES = 4 * 2**30
+
 
 def as_tensors(data, name: str):
     """``(x, y)`` tensors from arrays or a finite ``tf.data.Dataset`` of ``(x, y)``.
@@ -31,10 +34,17 @@ def as_tensors(data, name: str):
                              "(drop .repeat()).")
         if spec[0].shape.rank and spec[0].shape[0] is None:
             data = data.unbatch()  # batched by .batch(): back to examples
-        xs, ys = [], []
+        xs, ys, size = [], [], 0
         for x, y in data.batch(8192):  # large blocks: far fewer tensors to join
             xs.append(x)
             ys.append(y)
+            size += int(tf.size(x)) * x.dtype.size + int(tf.size(y)) * y.dtype.size
+            if size > MAX_DATA_BYTES:
+                # A dataset of unknown length (from a generator) may never end.
+                raise ValueError(
+                    f"{name} yielded more than {MAX_DATA_BYTES // 2**30} GiB without ending "
+                    "(an endless generator?); the particles hold their data in memory. "
+                    "Pass arrays or a finite dataset (e.g. dataset.take(n)).")
         if not xs:
             raise ValueError(f"{name} is an empty dataset.")
         return tf.concat(xs, 0), tf.concat(ys, 0)

@@ -689,7 +689,8 @@ class ESOracle(keras_tuner.Oracle):
                 "diverged_pairs": int(result.diverged_pairs),
                 "clipped_pairs": int(result.clipped_pairs),
                 "updated": applied,
-                "gradient_norm": float(tf.norm(result.gradient)),
+                "gradient_norm": float(np.linalg.norm(
+                    result.gradient.numpy().astype(np.float64))),
                 "gradient": [float(v) for v in result.gradient.numpy()],
                 "values": self.mean_values(),
             })

@@ -181,7 +181,8 @@ class MetaTrainer:
             "outer_step": int(self.outer_step.numpy()),
             "loss": float(result.loss),
             "meta_loss": float(result.meta_loss),
-            "gradient_norm": float(tf.norm(result.gradient)),
+            # In float64: the norm of a huge but finite estimate must not read inf.
+            "gradient_norm": float(np.linalg.norm(result.gradient.numpy().astype(np.float64))),
             "valid_pairs": int(result.valid_pairs),
             "diverged_pairs": int(result.diverged_pairs),
             "clipped_pairs": int(result.clipped_pairs),
@@ -288,6 +289,9 @@ class MetaTrainer:
                     f"{2 * pairs_per_replica} (num_particles per replica) on every leaf.")
 
 
+_LARGEST_ESTIMATE = 1e15
+
+
 def outer_update(optimizer: keras.optimizers.Optimizer, theta: keras.Variable, gradient,
                  valid_pairs) -> tf.Tensor:
     """Applies one ES estimate to ``theta`` with ``optimizer``, unless it would do harm.
@@ -299,7 +303,8 @@ def outer_update(optimizer: keras.optimizers.Optimizer, theta: keras.Variable, g
       information and a momentum optimizer (Adam) would otherwise keep coasting on its
       zero gradient, out of the region where the particles diverge and on into
       wherever it points;
-    * a non-finite estimate: skipped;
+    * a non-finite estimate: skipped; one with a coordinate beyond 1e15 is scaled down
+      to that size first (its square must not overflow float32 in Adam's slots);
     * an update that leaves theta or any optimizer variable non-finite (a finite but
       huge estimate overflows Adam's second moment, or a huge learning rate overflows
       theta): undone, theta *and* the optimizer's slots restored, so one outlier never
@@ -309,6 +314,12 @@ def outer_update(optimizer: keras.optimizers.Optimizer, theta: keras.Variable, g
         A bool tensor: whether theta was updated.
     """
     gradient = tf.convert_to_tensor(gradient, tf.float32)
+    # An estimate whose square would overflow float32 (losses of 1e30 near divergence)
+    # is scaled down first, its direction kept: Adam's second moment would otherwise be
+    # inf and the update undone, however many pairs were valid.
+    largest = tf.reduce_max(tf.abs(gradient))
+    gradient = tf.where(largest > _LARGEST_ESTIMATE,
+                        gradient * (_LARGEST_ESTIMATE / largest), gradient)
     variables = [theta] + list(optimizer.variables)
 
     def update():

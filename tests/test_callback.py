@@ -575,3 +575,52 @@ def test_tuned_momentum_reaches_the_model_without_retracing_its_step():
     # After the fit: a plain Keras SGD holding the tuned float.
     assert type(model.optimizer) is keras.optimizers.SGD
     assert model.optimizer.momentum == pytest.approx(callback.values["momentum"], rel=1e-5)
+
+
+@pytest.mark.parametrize("data, name, match", [
+    (lambda: (_data(64, 1)[0][:, :7], _data(64, 1)[1]), "train_data", "train_data does not fit"),
+    (lambda: (_data(64, 1)[0], _data(64, 1)[1] + 5), "train_data", "labels from 5 to 7"),
+    (lambda: (_data(64, 1)[0], keras.utils.to_categorical(_data(64, 1)[1], 3)), "meta_data",
+     "meta_data does not fit"),
+])
+def test_data_that_does_not_fit_the_model_is_named_at_train_begin(data, name, match):
+    model = _model()
+    callback = _callback(**{name: data()})
+    with pytest.raises(ValueError, match=match):
+        model.fit(X[:128], Y[:128], batch_size=32, verbose=0, callbacks=[callback])
+    assert callback.trainer is None  # before any window
+
+
+def test_an_endless_generator_as_train_data_is_refused(monkeypatch):
+    from keras_es import keras_system
+
+    monkeypatch.setattr(keras_system, "MAX_DATA_BYTES", 2**20)
+
+    def endless():
+        while True:
+            yield np.zeros(10, np.float32), 0
+
+    data = tf.data.Dataset.from_generator(endless, output_signature=(
+        tf.TensorSpec([10], tf.float32), tf.TensorSpec([], tf.int64)))
+    with pytest.raises(ValueError, match="train_data yielded more than .* endless"):
+        _model().fit(X[:128], Y[:128], batch_size=32, verbose=0,
+                     callbacks=[_callback(train_data=data)])
+
+
+def test_a_diverging_learning_rate_is_tuned_down_not_frozen():
+    """Particles started at a diverging learning rate report inf, NaN and huge losses:
+    every window with a valid pair still updates theta (it froze before), and the rate
+    comes down."""
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 100.0, "log")])
+    model = _model()
+    callback = keras_es.ESCallback(space, keras_es.engine.SGD("lr", momentum=0.5),
+                                   train_data=_data(512, 1), meta_data=_data(256, 2),
+                                   num_particles=8, sigma=0.3, truncation_length=4,
+                                   outer_optimizer=keras.optimizers.Adam(0.1), seed=3)
+    model.fit(X, Y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[callback])
+    history = callback.window_history
+    assert sum(w["diverged_pairs"] for w in history) > 0
+    assert all(w["updated"] == (w["valid_pairs"] > 0) for w in history)
+    assert sum(w["updated"] for w in history) >= len(history) // 2
+    assert np.isfinite(callback.trainer.theta_value).all()
+    assert callback.values["lr"] < 100.0 * 0.7
