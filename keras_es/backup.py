@@ -139,7 +139,11 @@ class ESBackup:
             try:
                 touched = True
                 trainer.restore(self._path(slot))
-            except (tf.errors.OpError, ValueError, AssertionError) as error:
+            # What a truncated or garbled checkpoint raises varies with the damage
+            # (TensorFlow's reader: OpError, IndexError "Read less bytes than
+            # requested", ...): any failure to read one save means trying the next.
+            except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError,
+                    OSError, EOFError) as error:
                 warnings.warn(f"keras_es: ignoring a damaged ES save {self._path(slot)}*: "
                               f"{str(error).splitlines()[0]}", RuntimeWarning, stacklevel=2)
                 continue

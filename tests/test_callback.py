@@ -301,7 +301,8 @@ def test_a_kill_between_the_two_epoch_end_saves_resumes_exactly(tmp_path, order)
     np.testing.assert_allclose(got["theta"], callback.trainer.theta_value, rtol=1e-6)
 
 
-def test_damaged_or_missing_es_state_is_named_and_never_silently_restarted(tmp_path):
+@pytest.mark.parametrize("damage", ["record", "checkpoint"])
+def test_damaged_or_missing_es_state_is_named_and_never_silently_restarted(tmp_path, damage):
     """A damaged ES save is reported by name and the intact one used (the windows since
     replayed); with every ES save and the start record gone while Keras's backup
     resumes the fit, the fit refuses instead of starting ES over."""
@@ -318,9 +319,15 @@ def test_damaged_or_missing_es_state_is_named_and_never_silently_restarted(tmp_p
                  callbacks=[straight])
     with pytest.raises(RuntimeError, match="interrupted"):
         fit(_callback(backup_dir=str(backup)), Interrupt(2, 3))
-    # Both epochs' ES saves are there (slots a, b); damage the newest (epoch 1, in b).
-    (backup / "es_state_b.json").write_text('{"batches": 3')
-    with pytest.warns(RuntimeWarning, match="es_state_b.json"):
+    # Both epochs' ES saves are there (slots a, b); damage the newest (epoch 1, in b):
+    # its record torn, or its checkpoint's data truncated.
+    if damage == "record":
+        (backup / "es_state_b.json").write_text('{"batches": 3')
+    else:
+        (data,) = [p for p in backup.iterdir() if p.name.startswith("es_state_b")
+                   and ".data-" in p.name]
+        data.write_bytes(data.read_bytes()[:20])
+    with pytest.warns(RuntimeWarning, match="es_state_b"):
         resumed = fit(_callback(backup_dir=str(backup)))
     # Resumed from the epoch-0 save, epoch 1's windows replayed, epoch 2 trained.
     assert int(resumed.trainer.outer_step.numpy()) == 12
