@@ -83,8 +83,9 @@ class ESCallback(keras.callbacks.Callback):
     ``fit``. Each window gives an ES estimate of the hypergradient (ES-Single by
     default); an outer Keras optimizer updates theta, and the callback applies the new
     values to the model: its learning rate (evaluated from the schedule at the model's
-    own step every batch), momentum, Adam betas, weight decay (traced once per epoch),
-    and `keras_es.layers` widths and dropout rates.
+    own step every batch), momentum, Adam betas and weight decay (after every window,
+    read by the traced train step from variables), and `keras_es.layers` widths and
+    dropout rates.
 
     Example:
 
@@ -131,8 +132,8 @@ class ESCallback(keras.callbacks.Callback):
         layer_hyperparameters: ``{variable path pattern: name}`` for `keras_es.layers`
             (see `keras_es.Population`).
         backup_dir: Directory where the ES state is saved at every epoch end and
-            restored from at train begin; use the ``backup_dir`` of the
-            ``keras.callbacks.BackupAndRestore`` in the same fit.
+            restored from at the first batch (`keras_es.backup`); use the
+            ``backup_dir`` of the ``keras.callbacks.BackupAndRestore`` in the same fit.
         seed: Integer seed of all noise and particle data.
         verbose: 0 silent, 1 one line per epoch, 2 one line per window (the values
             are in the epoch's ``logs`` either way, so the progress bar shows them).
