@@ -631,3 +631,34 @@ def test_a_diverging_learning_rate_is_tuned_down_not_frozen():
     assert sum(w["updated"] for w in history) >= len(history) // 2
     assert np.isfinite(callback.trainer.theta_value).all()
     assert callback.values["lr"] < 100.0 * 0.7
+
+
+def test_fuzz_the_callback_with_poisoned_rows():
+    """The particles' data holds poisoned rows whose loss is inf, NaN or 1e30 times the
+    error (both twins of a pair see the same rows): theta stays finite, every window
+    with a valid pair updates it, and the learning rate still rises from far too low."""
+    rng = np.random.default_rng(11)
+    x, y = _data(512, 1)
+    poison = np.zeros(512, np.float32)
+    rows = rng.choice(512, 6, replace=False)
+    poison[rows] = [1.0, 2.0, 3.0, 3.0, 3.0, 1.0]  # 1: inf, 2: NaN, 3: x 1e30
+
+    def poisoned_loss(target, logits):
+        labels, tag = target[:, 0], target[:, 1]
+        loss = keras.losses.sparse_categorical_crossentropy(
+            tf.cast(labels, tf.int32), logits, from_logits=True)
+        loss = tf.where(tag == 1.0, np.inf, loss)
+        loss = tf.where(tag == 2.0, np.nan, loss)
+        return tf.where(tag == 3.0, loss * 1e30, loss)
+
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.5), loss=poisoned_loss)
+    targets = np.stack([y.astype(np.float32), poison], axis=1)
+    callback = _callback(train_data=(x, targets), meta_data=None, batch_size=16)
+    model.fit(X, np.stack([Y.astype(np.float32), np.zeros(512, np.float32)], axis=1),
+              batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[callback])
+    history = callback.window_history
+    assert sum(w["diverged_pairs"] for w in history) > 0
+    assert all(w["updated"] == (w["valid_pairs"] > 0) for w in history)
+    assert np.isfinite([w["theta"] for w in history]).all()
+    assert callback.values["lr"] > 1e-3
