@@ -29,12 +29,24 @@ from keras_es.estimators import (
     truncated_es,
 )
 from keras_es.keras_system import KerasSystem
-from keras_es.oracle import ESOracle, ESSearch, ESTuner
 from keras_es.outer import MetaTrainer
 from keras_es.transforms import Hyperparameter, SearchSpace
 from keras_es.unrolled import UnrolledSystem, select
 
 __version__ = "0.1.0"
+
+# The keras-tuner integration is imported when first used: importing keras_tuner costs
+# ~1.7 s, which a user of ESCallback or MetaTrainer should not pay.
+_LAZY = {"ESOracle": "keras_es.oracle", "ESSearch": "keras_es.oracle",
+         "ESTuner": "keras_es.oracle"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'keras_es' has no attribute {name!r}")
 
 __all__ = [
     "ESCallback",
