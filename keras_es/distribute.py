@@ -159,7 +159,9 @@ class ShardedParticles(tf.__internal__.tracking.Trackable):
         if len(restored_tensors) != len(current):
             raise ValueError(f"The checkpoint holds {len(restored_tensors)} particle tensors, "
                              f"this trainer {len(current)}; expected an identically built "
-                             "trainer (same system, estimator and num_particles).")
+                             "trainer (same system, estimator and num_particles). A "
+                             "checkpoint of keras_es 0.1 holds one fewer (before "
+                             "EstimatorState.scale) and does not load into this version.")
         leaves = []
         for i, now in enumerate(current):
             value = restored_tensors[f"leaf_{i}"]
