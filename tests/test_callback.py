@@ -481,8 +481,9 @@ def test_steps_per_execution_counts_batches_not_calls():
     assert [w["batches"] for w in callback.window_history] == list(range(5, 41, 5))
 
 
-@pytest.mark.parametrize("verbose", [0, 1, 2])
-@pytest.mark.parametrize("fit_verbose", [0, 1, 2, "auto"])
+# Every level of each, beside a level of the other (the fits are the slow part).
+@pytest.mark.parametrize("verbose, fit_verbose", [(0, 0), (1, 1), (2, 2), (2, "auto"),
+                                                  (1, "auto")])
 def test_every_verbose_level(verbose, fit_verbose, capsys):
     model = _model()
     callback = _callback(verbose=verbose)
