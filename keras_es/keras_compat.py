@@ -120,7 +120,11 @@ def read_at_run_time(optimizer, names) -> dict:
         return property(get, set_)
 
     base = type(optimizer)
-    swapped = type(base.__name__, (base,), {name: make(name) for name in names})
+    # Same name and module as the original, so a model saved while it is swapped (a
+    # fit interrupted before train end) still names Keras's class.
+    swapped = type(base.__name__, (base,), {"__module__": base.__module__,
+                                            "__qualname__": base.__qualname__,
+                                            **{name: make(name) for name in names}})
     swapped._keras_es_base = base
     object.__setattr__(optimizer, _KNOBS, knobs)
     optimizer.__class__ = swapped

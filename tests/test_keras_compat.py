@@ -64,3 +64,16 @@ def test_run_time_values_change_the_traced_step_without_a_new_trace(name, value,
     assert type(model.optimizer).__name__ == type(optimizer).__name__
     assert type(model.optimizer) in (keras.optimizers.SGD, keras.optimizers.Adam)
     assert getattr(model.optimizer, name) == pytest.approx(new)
+
+
+def test_a_model_saved_while_values_are_served_at_run_time_loads(tmp_path):
+    """A fit interrupted before its end leaves the optimizer swapped: saving and
+    loading the model still sees Keras's own SGD, with the current momentum."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.5), "mse")
+    knobs = keras_compat.read_at_run_time(model.optimizer, ["momentum"])
+    knobs["momentum"].assign(0.8)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded.optimizer) is keras.optimizers.SGD
+    assert loaded.optimizer.momentum == pytest.approx(0.8)
