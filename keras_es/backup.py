@@ -3,8 +3,10 @@ instant resumes exactly.
 
 Keras's backup and keras_es's are two saves at every epoch end, in an order the user's
 callback list decides, so a kill can fall between them. What makes that harmless: the
-particles' windows never read the fitted model (they train on ``train_data`` with keys
-derived from integers), so the ES state at any optimizer step of the fit can be
+particles' windows do not read the fitted model (they train on ``train_data`` with keys
+derived from integers, and restart from initializers sampled from those keys; only a
+weight whose initializer keras_es cannot sample, such as an LSTM's forget-gate bias, is
+copied from the model), so the ES state at any optimizer step of the fit can be
 *recomputed* from an earlier one by running the windows in between. Each save is
 tagged with the fitted model's optimizer step count (``iterations``), which Keras's
 backup restores too; a resume takes the newest ES save at or before that step and
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import warnings
 
 import tensorflow as tf
@@ -112,7 +116,7 @@ class ESBackup:
                 records[slot] = record
         return records
 
-    def restore(self, trainer, iterations: int, rebuild) -> tuple:
+    def restore(self, trainer, iterations: int) -> tuple:
         """Restores into ``trainer`` the newest usable save at or before the model's
         step count ``iterations``.
 
@@ -120,13 +124,11 @@ class ESBackup:
             trainer: The freshly built `keras_es.MetaTrainer`.
             iterations: The fitted model's optimizer step count (as Keras's backup
                 restored it).
-            rebuild: ``rebuild() -> MetaTrainer``, a fresh trainer, for a replay from
-                the start after a damaged save was partly loaded into ``trainer``.
 
         Returns:
-            ``(trainer, restored, target)``: the trainer to use, the fit batches its
-            restored ES state has seen, and the fit batches it must reach (the caller
-            runs the windows in between); ``target`` is None for a fresh ES run.
+            ``(restored, target)``: the fit batches the restored ES state has seen, and
+            the fit batches it must reach (the caller runs the windows in between);
+            ``target`` is None for a fresh ES run.
 
         Raises:
             ESStateError: No usable ES state for a fit that Keras's backup resumes.
@@ -134,10 +136,21 @@ class ESBackup:
         records = self._records()
         candidates = sorted(((r["iterations"], slot) for slot, r in records.items()
                              if r["iterations"] <= iterations), reverse=True)
-        touched = False
+        fresh = None
+        if candidates:
+            # A damaged save may fail halfway through loading: keep the fresh state to
+            # fall back to for a replay from the start.
+            fresh = tempfile.mkdtemp(prefix="keras_es_fresh_")
+            trainer.save(os.path.join(fresh, "trainer"))
+        try:
+            return self._restore_newest(trainer, iterations, records, candidates, fresh)
+        finally:
+            if fresh is not None:
+                shutil.rmtree(fresh, ignore_errors=True)
+
+    def _restore_newest(self, trainer, iterations, records, candidates, fresh):
         for _, slot in candidates:
             try:
-                touched = True
                 trainer.restore(self._path(slot))
             # What a truncated or garbled checkpoint raises varies with the damage
             # (TensorFlow's reader: OpError, IndexError "Read less bytes than
@@ -148,13 +161,14 @@ class ESBackup:
                               f"{str(error).splitlines()[0]}", RuntimeWarning, stacklevel=2)
                 continue
             record = records[slot]
-            return (trainer, record["batches"],
-                    record["batches"] + iterations - record["iterations"])
+            return record["batches"], record["batches"] + iterations - record["iterations"]
         start = _read_json(self._path(START), ("iterations",))
         legacy = self._path(LEGACY_POINTER)
         if start is not None and start["iterations"] <= iterations:
-            # Replay from the run's start, on a trainer as freshly built as the first.
-            return (rebuild() if touched else trainer), 0, iterations - start["iterations"]
+            # Replay from the run's start, from the trainer's fresh state.
+            if fresh is not None:
+                trainer.restore(os.path.join(fresh, "trainer"))
+            return 0, iterations - start["iterations"]
         if os.path.exists(legacy):
             raise ESStateError(
                 f"{legacy} was written by keras_es 0.1, whose saves this version does not "
@@ -167,4 +181,4 @@ class ESBackup:
                 f"{START} are missing or damaged); starting ES over would silently "
                 "break the tuned trajectory. Restore those files, or delete backup_dir "
                 "to start the fit over.")
-        return trainer, 0, None
+        return 0, None

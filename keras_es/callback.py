@@ -346,24 +346,10 @@ class ESCallback(keras.callbacks.Callback):
                 key = noise.pair_seeds(self.seed, noise.STREAM_SURROGATE,
                                        tf.constant([0]), tf.cast(outer_step, tf.int32)[None])[0]
                 return system.hypergradient(system_state, theta, key)
-        jit = self._use_xla(estimator, population)
-        user_optimizer = self.outer_optimizer is not None
-
-        def build(optimizer=outer_optimizer):
-            return MetaTrainer(system, estimator, self.space, self.num_particles,
-                               optimizer=optimizer, seed=self.seed, surrogate=surrogate,
-                               jit_compile=jit, strategy=strategy)
-
-        def rebuild():
-            if user_optimizer:  # built for the first trainer's theta: cannot serve two
-                raise backup_lib.ESStateError(
-                    f"The ES saves in {self.backup_dir} are damaged and the run must be "
-                    "replayed from its start, which needs a fresh outer_optimizer; run "
-                    "again (a new process) to replay it.")
-            with strategy.scope():
-                return build(keras.optimizers.Adam(0.01))
-
-        self.trainer, self._rebuild = build(), rebuild
+        self.trainer = MetaTrainer(
+            system, estimator, self.space, self.num_particles, optimizer=outer_optimizer,
+            seed=self.seed, surrogate=surrogate, jit_compile=self._use_xla(estimator, population),
+            strategy=strategy)
         tuned = [a for a in _TRACED[type(self.inner_optimizer)]
                  if isinstance(getattr(self.inner_optimizer, a), str)]
         with model.distribute_strategy.scope():
@@ -402,8 +388,7 @@ class ESCallback(keras.callbacks.Callback):
         replaying the windows a kill between the two epoch-end saves cut off."""
         self._restore_pending = False
         backup = backup_lib.ESBackup(self.backup_dir)
-        self.trainer, restored, target = backup.restore(self.trainer, self._last_iterations,
-                                                        self._rebuild)
+        restored, target = backup.restore(self.trainer, self._last_iterations)
         if target is None:  # a new ES run
             backup.mark_start(self._last_iterations)
             return

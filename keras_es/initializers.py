@@ -4,9 +4,10 @@ An episode restart re-initializes a particle's weights inside the compiled step,
 key that both twins of a pair share. Keras initializers draw from an integer seed or a
 ``SeedGenerator`` and accept no tensor seed, so they cannot be called per particle
 inside a graph. This module reads each weight's Keras initializer (its class and
-config) and samples the same distribution with TensorFlow's stateless ops. Weights whose
-initializer it cannot find or does not know are copied from the model instead, which is
-what a deterministic initializer (zeros, ones, constants) would give anyway.
+config) and samples the same distribution with TensorFlow's stateless ops; deterministic
+ones (zeros, ones, constants) are computed, not read from the model, whose weights may
+have trained since. Weights whose initializer it cannot find or does not know (an LSTM's
+forget-gate bias, custom initializers) are copied from the model's current value.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def sample(initializer, shape, seed, fallback):
     shape = list(shape)
     dtype = fallback.dtype
     init = keras.initializers
+    if isinstance(initializer, init.Zeros):
+        return tf.zeros(shape, dtype)
+    if isinstance(initializer, init.Ones):
+        return tf.ones(shape, dtype)
+    if isinstance(initializer, init.Constant):
+        return tf.fill(shape, tf.cast(initializer.value, dtype))
     if isinstance(initializer, init.VarianceScaling):
         fan_in, fan_out = _fans(shape)
         scale = initializer.scale / max(1.0, {"fan_in": fan_in, "fan_out": fan_out,

@@ -301,7 +301,7 @@ def test_a_kill_between_the_two_epoch_end_saves_resumes_exactly(tmp_path, order)
     np.testing.assert_allclose(got["theta"], callback.trainer.theta_value, rtol=1e-6)
 
 
-@pytest.mark.parametrize("damage", ["record", "checkpoint"])
+@pytest.mark.parametrize("damage", ["record", "checkpoint", "both_checkpoints"])
 def test_damaged_or_missing_es_state_is_named_and_never_silently_restarted(tmp_path, damage):
     """A damaged ES save is reported by name and the intact one used (the windows since
     replayed); with every ES save and the start record gone while Keras's backup
@@ -321,15 +321,19 @@ def test_damaged_or_missing_es_state_is_named_and_never_silently_restarted(tmp_p
         fit(_callback(backup_dir=str(backup)), Interrupt(2, 3))
     # Both epochs' ES saves are there (slots a, b); damage the newest (epoch 1, in b):
     # its record torn, or its checkpoint's data truncated.
+    # With both checkpoints damaged: replayed from the run's start (es_start.json),
+    # after the first damaged save was partly loaded into the trainer.
     if damage == "record":
         (backup / "es_state_b.json").write_text('{"batches": 3')
-    else:
-        (data,) = [p for p in backup.iterdir() if p.name.startswith("es_state_b")
+    for slot in {"checkpoint": "b", "both_checkpoints": "ab"}.get(damage, ""):
+        (data,) = [p for p in backup.iterdir() if p.name.startswith(f"es_state_{slot}")
                    and ".data-" in p.name]
         data.write_bytes(data.read_bytes()[:20])
     with pytest.warns(RuntimeWarning, match="es_state_b"):
-        resumed = fit(_callback(backup_dir=str(backup)))
-    # Resumed from the epoch-0 save, epoch 1's windows replayed, epoch 2 trained.
+        resumed = fit(_callback(backup_dir=str(backup),
+                                outer_optimizer=keras.optimizers.Adam(0.1)))
+    # Resumed from the epoch-0 save (or the start), the windows since replayed, epoch 2
+    # trained.
     assert int(resumed.trainer.outer_step.numpy()) == 12
     np.testing.assert_allclose(resumed.trainer.theta_value, straight.trainer.theta_value,
                                rtol=1e-6)
