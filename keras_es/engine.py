@@ -491,15 +491,14 @@ class Population:
 
     # ------------------------------------------------------------------ steps
     def _loss(self, y, y_pred):
-        fn = self.loss
-        loss = tf.cast(fn(y, y_pred), tf.float32)
+        loss = tf.cast(self.loss(y, y_pred), tf.float32)
         if loss.shape.rank:
             # reduction=None: Keras's fit differentiates the sum of the per-example
             # losses (the gradient of a non-scalar target); train on the same.
             loss = tf.reduce_sum(loss)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if (replicas > 1 and isinstance(fn, keras.losses.Loss)
-                and fn.reduction in _KERAS_MEAN_REDUCTIONS):
+        if (replicas > 1 and isinstance(self.loss, keras.losses.Loss)
+                and self.loss.reduction in _KERAS_MEAN_REDUCTIONS):
             # Under a tf.distribute strategy a Keras loss divides its mean by the number
             # of replicas, taking each replica's batch for a shard of one global batch.
             # A particle's batch is whole on its replica: undo the division.
