@@ -14,7 +14,7 @@ from keras_es import backup as backup_lib
 from keras_es import checks, distribute, engine, keras_compat, noise, schedules
 from keras_es.estimators import ESTIMATORS, Estimator, GuidedConfig
 from keras_es.keras_system import KerasSystem, as_tensors
-from keras_es.outer import MetaTrainer
+from keras_es.outer import MetaTrainer, default_outer_optimizer
 from keras_es.transforms import SearchSpace
 
 _KERAS_OPTIMIZER = {engine.SGD: keras.optimizers.SGD, engine.Adam: keras.optimizers.Adam}
@@ -320,7 +320,7 @@ class ESCallback(keras.callbacks.Callback):
         outer_optimizer = self.outer_optimizer
         if outer_optimizer is None:
             with strategy.scope():
-                outer_optimizer = keras.optimizers.Adam(0.01)
+                outer_optimizer = default_outer_optimizer()
         population = engine.Population(
             model, self.num_particles, self.space, loss, self.inner_optimizer,
             layer_hyperparameters=self.layer_hyperparameters, execution=self.execution)

@@ -746,6 +746,67 @@ ESTIMATORS = {"full_es": full_es, "truncated_es": truncated_es, "pes": pes,
               "es_single": es_single}
 
 
+#: The front ends' shared defaults (`MetaTrainer`, `keras_es.ESCallback`,
+#: `keras_es.ESOracle`): one place, so the same settings mean the same estimator.
+DEFAULTS = {"sigma": 0.1, "truncation_length": 10, "meta_objective": "sum",
+            "telescope": True}
+
+
+def resolve(estimator: str | Estimator = "es_single", *, sigma: float | None = None,
+            truncation_length: int | None = None, horizon: int | None = None,
+            meta_objective: str | None = None, telescope: bool | None = None,
+            guided: GuidedConfig | None = None, **options) -> Estimator:
+    """The one way every front end turns its settings into an `Estimator`.
+
+    Args:
+        estimator: A factory name (``"es_single"``, ``"pes"``, ``"truncated_es"``,
+            ``"full_es"``) or an `Estimator`, which is returned as it is (then every
+            other setting must be left unset: the estimator carries its own).
+        sigma: Perturbation scale (default ``DEFAULTS["sigma"]``).
+        truncation_length: K (default ``DEFAULTS["truncation_length"]``; ``full_es``
+            uses the horizon).
+        horizon: T, or None (never resets).
+        meta_objective: ``"sum"`` or ``"final"`` (the factories' ``objective``; the front
+            ends say ``meta_objective`` because their ``objective`` is Keras's metric).
+        telescope: As in `Estimator`.
+        guided: Optional `GuidedConfig`.
+        **options: Further `Estimator` fields (``stagger``, ``clip_loss_difference``,
+            ``normalize``, ``clip_outliers``) and ``resample_interval`` for ``"pes"``.
+
+    Example:
+
+    ```python
+    import keras_es
+    est = keras_es.estimators.resolve("pes", sigma=0.05, truncation_length=20,
+                                      horizon=200)
+    assert est == keras_es.pes(0.05, 20, horizon=200)
+    ```
+    """
+    settings = {"sigma": sigma, "truncation_length": truncation_length,
+                "meta_objective": meta_objective, "telescope": telescope, "guided": guided,
+                "horizon": horizon, **options}
+    if isinstance(estimator, Estimator):
+        given = sorted(k for k, v in settings.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"estimator={estimator.name!r} is an Estimator, which carries its own "
+                f"settings, but {given} were given too; pass them to its factory instead "
+                f"(e.g. keras_es.{estimator.name}(sigma=...)).")
+        return estimator
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
+                         f"{sorted(ESTIMATORS)} or a keras_es Estimator.")
+    values = {k: (DEFAULTS[k] if settings.get(k) is None else settings[k]) for k in DEFAULTS}
+    extra = {k: v for k, v in options.items() if v is not None}
+    common = {"objective": values["meta_objective"], "telescope": values["telescope"],
+              "guided": guided, **extra}
+    if estimator == "full_es":
+        return full_es(values["sigma"], horizon=horizon or values["truncation_length"],
+                       **common)
+    return ESTIMATORS[estimator](values["sigma"], values["truncation_length"],
+                                 horizon=horizon, **common)
+
+
 # ---------------------------------------------------------------------- helpers
 def _sign(num_pairs: int) -> tf.Tensor:
     """``[2 pairs, 1]``: +1 for particle ``2p``, -1 for ``2p + 1``."""

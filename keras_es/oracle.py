@@ -53,7 +53,7 @@ from keras_tuner.engine import trial as trial_module
 from keras_es import checks, kt_compat
 from keras_es import estimators as estimators_lib
 from keras_es import noise as noise_lib
-from keras_es.outer import outer_update
+from keras_es.outer import default_outer_optimizer, outer_update
 from keras_es.transforms import Logit
 from keras_es.unrolled import UnrolledSystem
 
@@ -197,7 +197,7 @@ class ESOracle(keras_tuner.Oracle):
         self.stagger = stagger
         self.per_episode = None if per_episode is None else list(per_episode)
         self.reassign_after = reassign_after
-        self.outer_optimizer = outer_optimizer or keras.optimizers.Adam(outer_learning_rate)
+        self.outer_optimizer = outer_optimizer or default_outer_optimizer(outer_learning_rate)
         self._estimator_options = {"clip_loss_difference": clip_loss_difference,
                                    "normalize": normalize}
         self.horizon_given = horizon is not None

@@ -118,7 +118,7 @@ class MetaTrainer:
         self.surrogate = surrogate
         self.jit_compile = bool(jit_compile)
         with strategy.scope():  # mirrored meta-state: one identical copy per replica
-            self.optimizer = optimizer or keras.optimizers.Adam(0.01)
+            self.optimizer = optimizer or default_outer_optimizer()
             self.theta = keras.Variable(initial.astype(np.float32), name="theta")
             self.optimizer.build([self.theta])
             self.outer_step = tf.Variable(0, dtype=tf.int64, name="outer_step")
@@ -287,6 +287,18 @@ class MetaTrainer:
                     f"{type(self.system).__name__}.init returned a state leaf of shape "
                     f"{local.shape}; expected a leading particle dimension of "
                     f"{2 * pairs_per_replica} (num_particles per replica) on every leaf.")
+
+
+#: The outer learning rate of every front end's default outer optimizer.
+DEFAULT_OUTER_LEARNING_RATE = 0.01
+
+
+def default_outer_optimizer(learning_rate: float = DEFAULT_OUTER_LEARNING_RATE):
+    """The outer optimizer `MetaTrainer`, `keras_es.ESCallback` and `keras_es.ESOracle`
+    use when none is given: ``keras.optimizers.Adam(learning_rate)`` (Adam, so the step
+    in theta does not depend on the scale of the losses). Create it inside a strategy's
+    scope where one is used."""
+    return keras.optimizers.Adam(learning_rate)
 
 
 _LARGEST_ESTIMATE = 1e15
