@@ -487,7 +487,7 @@ class ESCallback(keras.callbacks.Callback):
         self._lr_start, self._lr_table = 0, []  # theta changed: recompute the rates
         self._set_learning_rate()
         population = self.trainer.system.population
-        for index, name in population._bound.items():
+        for index, name in population.layer_hyperparameter_indices.items():
             self.model.non_trainable_variables[index].assign(float(hp[name][0]))
         # Momentum, betas, weight decay: read by the traced step from variables.
         for attribute, knob in self._knobs.items():

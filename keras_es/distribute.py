@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from keras_es import tf_compat
+
 
 class Shard(NamedTuple):
     """The antithetic pairs one replica holds, and how it combines with the others.
@@ -83,15 +85,15 @@ def check_strategy(strategy, num_particles: int) -> tf.distribute.Strategy:
     return strategy
 
 
-class ShardedParticles(tf.__internal__.tracking.Trackable):
+class ShardedParticles(tf_compat.TensorSaveable):
     """Per-replica particle and estimator states, checkpointed in global pair order.
 
     The states are ``tf.distribute`` per-replica values (plain tensors for the
     default strategy). TensorFlow's variables cannot hold a different value on each
     replica and still save one combined tensor (a mirrored variable saves one copy, a
-    sync-on-read one an aggregate), so this object implements the checkpoint
-    ``Trackable`` protocol itself: saving concatenates the shards (all-gathering them
-    when replicas live in other processes), restoring slices them back.
+    sync-on-read one an aggregate), so this object is a `keras_es.tf_compat.TensorSaveable`:
+    saving concatenates the shards (all-gathering them when replicas live in other
+    processes), restoring slices them back.
 
     Args:
         strategy: The strategy the states live under.
@@ -150,11 +152,14 @@ class ShardedParticles(tf.__internal__.tracking.Trackable):
         self.values = self.strategy.experimental_distribute_values_from_function(value_fn)
 
     # ------------------------------------------------------------------ checkpoints
-    def _serialize_to_tensors(self):
+    def tensors_to_save(self) -> dict:
+        """``{"leaf_<i>": tensor}``: every leaf of `gather`'s global layout."""
         flat = tf.nest.flatten(self.gather())
         return {f"leaf_{i}": t for i, t in enumerate(flat)}
 
-    def _restore_from_tensors(self, restored_tensors):
+    def restore_tensors(self, restored_tensors: dict) -> None:
+        """Checks ``restored_tensors`` (from `tensors_to_save`) against the current
+        leaves, by count, shape and dtype, and scatters them to the replicas."""
         current = tf.nest.flatten(self.gather())
         if len(restored_tensors) != len(current):
             raise ValueError(f"The checkpoint holds {len(restored_tensors)} particle tensors, "
@@ -172,7 +177,6 @@ class ShardedParticles(tf.__internal__.tracking.Trackable):
                     "(same system, estimator and num_particles).")
             leaves.append(value)
         self.scatter(tf.nest.pack_sequence_as(self.values, leaves))
-        return tf.no_op()
 
 
 def _all_gather(context, value):
@@ -220,7 +224,7 @@ def check_tpu_compatible(trainer) -> dict:
     Returns:
         ``{"op_types": sorted op types in the step, "num_ops": count}``.
     """
-    system_state, state = trainer._particles.gather()
+    system_state, state = trainer.particles.gather()
     theta = tf.constant(trainer.theta_value)
     estimator, system, seed = trainer.estimator, trainer.system, trainer.seed
     total = trainer.num_pairs
@@ -268,7 +272,7 @@ def collective_payloads(trainer) -> list[dict]:
         ``[{"kind": "collective" | "copy", "op": op type, "device": device,
         "shape": [...], "dtype": name, "bytes": int or None (unknown shape)}, ...]``.
     """
-    concrete = trainer._step_fn.get_concrete_function(trainer._particles.values)
+    concrete = trainer.concrete_step()
     graph = concrete.graph
     out = []
 

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks, initializers, schedules, stacked, vectorize
+from keras_es import checks, initializers, keras_compat, schedules, stacked, vectorize
 from keras_es.schedules import Schedule, Value
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import select
@@ -440,8 +440,8 @@ class Population:
     # ------------------------------------------------------------------ state
     def _initializer_specs(self):
         owner = {}
-        for layer in self.model._flatten_layers(include_self=False, recursive=True):
-            for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+        for layer in keras_compat.sublayers(self.model):
+            for v in keras_compat.own_variables(layer):
                 owner[id(v)] = layer
         specs = []
         for v in self.model.trainable_variables + self.model.non_trainable_variables:
@@ -504,6 +504,13 @@ class Population:
             # A particle's batch is whole on its replica: undo the division.
             loss = loss * float(replicas)
         return loss
+
+    @property
+    def layer_hyperparameter_indices(self) -> dict[int, str]:
+        """``{index into model.non_trainable_variables: hyperparameter name}``: the scalar
+        layer variables that ``layer_hyperparameters`` binds, which every step sets per
+        particle from theta (a copy; changing it changes nothing)."""
+        return dict(self._bound)
 
     @property
     def xla_friendly(self) -> bool:
@@ -661,7 +668,7 @@ class Population:
         (Conv1D/3D, depthwise, separable, transposed, EinsumDense, recurrent) not at all.
         """
         flops = 0
-        for layer in self.model._flatten_layers(include_self=False, recursive=True):
+        for layer in keras_compat.sublayers(self.model):
             if isinstance(layer, keras.layers.Dense):
                 flops += 2 * int(np.prod(layer.kernel.shape))
             elif isinstance(layer, keras.layers.Conv2D):

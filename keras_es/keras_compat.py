@@ -20,6 +20,44 @@ def backup_present(directory: str) -> bool:
     return any(os.path.exists(os.path.join(directory, name)) for name in BACKUP_FILES)
 
 
+def sublayers(model) -> list:
+    """Every layer inside ``model``, nested ones included, each before its own
+    sublayers (``model.layers`` lists only the top level)."""
+    return model._flatten_layers(include_self=False, recursive=True)
+
+
+def own_variables(layer) -> list:
+    """The variables ``layer`` created itself (trainable first), without its
+    sublayers' or its seed generators' (``layer.weights`` has all of those)."""
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def is_functional(model) -> bool:
+    """Whether ``model`` is a plain functional model, ``keras.Model(inputs, outputs)``:
+    Keras builds it as a class it does not export, and a subclass has its own
+    ``call``."""
+    return type(model).__name__ == "Functional"
+
+
+def layer_calls(layer) -> list[tuple[list, list]]:
+    """``[(input tensors, output tensors), ...]``, one per call of ``layer`` while a
+    functional model was built (Keras records these calls as nodes and keeps no public
+    list of them)."""
+    return [(list(node.input_tensors), list(node.output_tensors))
+            for node in layer._inbound_nodes]
+
+
+def optimizer_strategy(optimizer, default=None):
+    """The ``tf.distribute`` strategy that was current when the Keras ``optimizer`` was
+    created (it binds to it then), or ``default`` when it records none."""
+    return getattr(optimizer, "_distribution_strategy", default)
+
+
+# Keras's convolution layers compute ``self.convolution_op(inputs, kernel)`` in
+# ``call``: an instance attribute of this name changes how one layer convolves.
+CONVOLUTION_METHOD = "convolution_op"
+
+
 class RuntimeValue:
     """A float that a traced Keras train step reads at run time, from a variable.
 

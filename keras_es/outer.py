@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks
+from keras_es import checks, keras_compat
 from keras_es import distribute as distribute_lib
 from keras_es.estimators import Estimator, EstimatorState
 from keras_es.transforms import SearchSpace
@@ -100,7 +100,7 @@ class MetaTrainer:
                 f"{strategy.num_replicas_in_sync} replicas keeps split across devices; use "
                 "one device or a surrogate(theta, outer_step).")
         if optimizer is not None and \
-                getattr(optimizer, "_distribution_strategy", strategy) is not strategy:
+                keras_compat.optimizer_strategy(optimizer, strategy) is not strategy:
             # Keras optimizers bind to the strategy current when they are created.
             raise ValueError(
                 f"optimizer={type(optimizer).__name__}(...) was created outside the scope of "
@@ -173,6 +173,19 @@ class MetaTrainer:
     def system_state(self):
         """The particles' current states, every particle in global order."""
         return self._particles.gather()[0]
+
+    @property
+    def particles(self) -> distribute_lib.ShardedParticles:
+        """The per-replica particle and estimator states, as one
+        `keras_es.distribute.ShardedParticles`: ``particles.gather()`` gives
+        ``(system_state, state)`` with every pair in global order."""
+        return self._particles
+
+    def concrete_step(self):
+        """The traced outer step (one window and one update of theta) as a
+        ``tf.types.experimental.ConcreteFunction``, for reading its graph (see
+        `keras_es.distribute.collective_payloads`); nothing is run."""
+        return self._step_fn.get_concrete_function(self._particles.values)
 
     def step(self) -> dict:
         """One window and one update of theta; returns that window's logs."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_es import keras_compat
 from keras_es import layers as es_layers
 
 SHARED, CHANNELS, LEADING = "shared", "channels", "leading"
@@ -65,20 +66,18 @@ def layer_chain(model: keras.Model) -> list | None:
     whose layers form a single chain; None otherwise."""
     if type(model) is keras.Sequential:
         return list(model.layers)
-    # keras.Model(inputs, outputs) builds a Functional (not exported by Keras);
-    # subclassed models have their own call() and are never a plain chain.
-    if (type(model).__name__ != "Functional" or len(model.inputs) != 1
+    # Subclassed models have their own call() and are never a plain chain.
+    if (not keras_compat.is_functional(model) or len(model.inputs) != 1
             or len(model.outputs) != 1):
         return None
     tensor, chain = model.inputs[0], []
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        nodes = layer._inbound_nodes  # Keras keeps no public per-call record
-        if len(nodes) != 1 or len(nodes[0].input_tensors) != 1 \
-                or nodes[0].input_tensors[0] is not tensor:
+        calls = keras_compat.layer_calls(layer)
+        if len(calls) != 1 or len(calls[0][0]) != 1 or calls[0][0][0] is not tensor:
             return None
-        tensor = nodes[0].output_tensors[0]
+        tensor = calls[0][1][0]
         chain.append(layer)
     return chain if tensor is model.outputs[0] else None
 

@@ -25,6 +25,8 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from keras_es import keras_compat
+
 
 def _output_and_padding(size, kernel, stride, dilation, padding):
     effective = (kernel - 1) * dilation + 1
@@ -65,13 +67,13 @@ def max_pool_reshape(x, pool_size):
 
 
 def _swaps(model):
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in keras_compat.sublayers(model):
         if (type(layer) is keras.layers.Conv2D and layer.data_format == "channels_last"
                 and layer.groups == 1):
             def conv(inputs, kernel, layer=layer):
                 return conv2d_im2col(inputs, kernel, layer.strides, layer.padding,
                                      layer.dilation_rate)
-            yield layer, "convolution_op", conv
+            yield layer, keras_compat.CONVOLUTION_METHOD, conv
         elif (type(layer) is keras.layers.MaxPooling2D and layer.data_format == "channels_last"
               and tuple(layer.pool_size) == tuple(layer.strides) and layer.padding == "valid"):
             yield layer, "call", lambda inputs, layer=layer: max_pool_reshape(inputs,

@@ -77,3 +77,108 @@ def test_a_model_saved_while_values_are_served_at_run_time_loads(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert type(loaded.optimizer) is keras.optimizers.SGD
     assert loaded.optimizer.momentum == pytest.approx(0.8)
+
+
+class _Holder(keras.layers.Layer):
+    """A layer that owns a weight and a sublayer (tracked by attribute)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(2, name="inner")
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
+        self.inner.build(input_shape)
+
+    def call(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_sublayers_lists_nested_layers_parents_first():
+    assert hasattr(keras.layers.Layer, "_flatten_layers"), (
+        "keras.layers.Layer._flatten_layers moved: keras_compat.sublayers reads it")
+    nested = keras.Sequential([keras.layers.Dense(3, name="d1")], name="nested")
+    holder = _Holder(name="holder")
+    model = keras.Sequential([keras.Input((4,)), nested, holder, keras.layers.Dropout(0.1)])
+    names = [layer.name for layer in keras_compat.sublayers(model)]
+    assert model.name not in names
+    for name in ("nested", "d1", "holder", "inner"):
+        assert name in names, f"keras_compat.sublayers misses {name!r}: {names}"
+    assert names.index("nested") < names.index("d1")
+    assert names.index("holder") < names.index("inner")
+
+
+def test_own_variables_are_a_layers_own_weights_only():
+    for name in ("_trainable_variables", "_non_trainable_variables"):
+        assert hasattr(keras.layers.Dense(1), name), (
+            f"keras.layers.Layer.{name} moved: keras_compat.own_variables reads it")
+    holder = _Holder()
+    dropout = keras.layers.Dropout(0.5, seed=1)
+    norm = keras.layers.BatchNormalization()
+    model = keras.Sequential([keras.Input((4,)), holder, dropout, norm])
+    assert [v.name for v in keras_compat.own_variables(holder)] == ["scale"]
+    assert [v.name for v in keras_compat.own_variables(holder.inner)] == ["kernel", "bias"]
+    assert keras_compat.own_variables(dropout) == []  # its seed state is not its weight
+    assert [v.name for v in keras_compat.own_variables(norm)] == [
+        "gamma", "beta", "moving_mean", "moving_variance"]
+    owned = [id(v) for layer in keras_compat.sublayers(model)
+             for v in keras_compat.own_variables(layer)]
+    assert sorted(owned) == sorted(id(v) for v in model.weights
+                                   if id(v) not in {id(s) for s in dropout.weights})
+
+
+def test_layer_calls_and_is_functional_read_a_functional_chain():
+    assert hasattr(keras.layers.Dense(1), "_inbound_nodes"), (
+        "keras.layers.Layer._inbound_nodes moved: keras_compat.layer_calls reads it")
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(3)
+    hidden = dense(inputs)
+    outputs = keras.layers.Dense(1)(hidden)
+    model = keras.Model(inputs, outputs)
+    assert keras_compat.is_functional(model), (
+        f"keras.Model(inputs, outputs) is now a {type(model).__name__}, not 'Functional': "
+        "keras_compat.is_functional checks the name")
+    assert not keras_compat.is_functional(keras.Sequential([keras.layers.Dense(1)]))
+
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    assert not keras_compat.is_functional(Subclassed())
+    ((ins, outs),) = keras_compat.layer_calls(dense)
+    assert len(ins) == 1 and ins[0] is model.inputs[0]
+    assert len(outs) == 1 and outs[0] is hidden
+
+
+def test_optimizer_strategy_is_the_one_current_at_creation():
+    assert hasattr(keras.optimizers.SGD(), "_distribution_strategy"), (
+        "keras.optimizers.Optimizer._distribution_strategy moved: "
+        "keras_compat.optimizer_strategy reads it")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        inside = keras.optimizers.Adam()
+    outside = keras.optimizers.Adam()
+    assert keras_compat.optimizer_strategy(inside) is strategy
+    assert keras_compat.optimizer_strategy(outside) is not strategy
+    assert keras_compat.optimizer_strategy(object(), "default") == "default"
+
+
+def test_convolution_method_replaces_how_one_layer_convolves():
+    method = keras_compat.CONVOLUTION_METHOD
+    assert callable(getattr(keras.layers.Conv2D, method, None)), (
+        f"keras.layers.Conv2D.{method} moved: keras_es.vectorize replaces it")
+    layer = keras.layers.Conv2D(2, 3, use_bias=False)
+    other = keras.layers.Conv2D(2, 3, use_bias=False)
+    x = np.ones((1, 5, 5, 1), np.float32)
+    layer(x), other(x)
+    calls = []
+
+    def convolve(inputs, kernel):
+        calls.append(kernel)
+        return tf.zeros([1, 3, 3, 2])
+
+    setattr(layer, method, convolve)
+    assert np.all(np.asarray(layer(x)) == 0), (
+        f"keras.layers.Conv2D.call no longer computes through self.{method}")
+    assert calls and calls[0] is layer.kernel
+    assert not np.all(np.asarray(other(x)) == 0)  # other layers keep Keras's own
