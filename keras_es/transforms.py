@@ -1,7 +1,7 @@
 """Hyperparameter transforms: natural units <-> the unconstrained theta that ES perturbs.
 
 ES perturbs theta with Gaussian noise, so every coordinate must live on the whole real
-line (trap 7 in the estimator notes): a learning rate is perturbed in log space, a
+line (trap 7, docs/traps.md): a learning rate is perturbed in log space, a
 momentum in logit space (or log of one minus), a layer-width fraction in logit space.
 Users declare values in natural units; `SearchSpace` encodes them into one
 vector and decodes any batch of vectors back, in NumPy or inside ``tf.function``.
