@@ -72,10 +72,28 @@ class KerasSystem(UnrolledSystem):
     Example:
 
     ```python
+    import keras
+    import numpy as np
+    import keras_es
+
+    rng = np.random.default_rng(0)
+    x_train = rng.normal(size=(256, 8)).astype("float32")
+    y_train = rng.integers(0, 3, size=256)
+    x_val, y_val = x_train[:64], y_train[:64]
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3)])
+    space = keras_es.SearchSpace([keras_es.Hyperparameter("learning_rate", 0.05, "log")])
+    population = keras_es.Population(
+        model, num_particles=8, space=space,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras_es.engine.SGD("learning_rate"))
+
     system = keras_es.KerasSystem(population, train_data=(x_train, y_train),
                                   meta_data=(x_val, y_val), batch_size=32)
-    trainer = keras_es.MetaTrainer(system, keras_es.es_single(0.1, 10, horizon=200),
+    trainer = keras_es.MetaTrainer(system, keras_es.es_single(0.1, 10, horizon=50),
                                    theta=space, num_particles=population.num_particles)
+    trainer.train(3)
+    trainer.values                    # {"learning_rate": ...}
     ```
 
     Args:

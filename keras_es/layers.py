@@ -26,9 +26,23 @@ class UnitMask(keras.layers.Layer):
     Example:
 
     ```python
-    x = keras.layers.Dense(128)(x)
+    import keras
+    import keras_es
+
+    inputs = keras.Input((20,))
+    x = keras.layers.Dense(128)(inputs)
     x = keras_es.layers.UnitMask(name="width_1")(x)   # variable "width_1/units"
     x = keras.layers.Activation("relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(1)(x))
+
+    space = keras_es.SearchSpace([
+        keras_es.Hyperparameter("learning_rate", 0.01, "log"),
+        keras_es.Hyperparameter("width_1", 64, keras_es.transforms.Logit(0, 128)),
+    ])
+    population = keras_es.Population(
+        model, num_particles=4, space=space, loss="mse",
+        optimizer=keras_es.engine.SGD("learning_rate"),
+        layer_hyperparameters={"*width_1/units": "width_1"})  # a width per particle
     ```
 
     Args:

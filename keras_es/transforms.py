@@ -170,6 +170,8 @@ class SearchSpace:
     Example:
 
     ```python
+    import keras_es
+
     space = keras_es.SearchSpace([
         keras_es.Hyperparameter("learning_rate", 0.1, "log"),
         keras_es.Hyperparameter("momentum", 0.9, "logit"),
