@@ -18,7 +18,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "keras_es"
 
 # Examples that are not yet self-contained; each owner removes its entry when the
-# example runs (an entry whose example passes fails here as XPASS: remove it).
+# example runs (pytest reports an entry whose example passes as XPASS).
 PENDING = {
     "keras_es.callback.ESCallback",
     "keras_es.engine.Population",
