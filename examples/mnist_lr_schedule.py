@@ -5,7 +5,7 @@ An MLP (2 x 100 ReLU) trains with SGD (momentum 0.9) and the schedule
 ``decay`` (both in log space) while ``model.fit`` runs: its particles train copies of
 the model for inner problems of ``--horizon`` steps, and ES-Single estimates the
 gradient of each inner problem's *final* validation loss, credited when the inner
-problem ends (``objective="final"``, ``telescope=False``).
+problem ends (``meta_objective="final"``, ``telescope=False``).
 
 Then compiled `keras_es.Population` runs train the MLP for the same horizon at every
 point of a grid over (log lr0, log decay), all from the same seeds (initializations
@@ -113,7 +113,7 @@ def tune(data, config, seed):
     es = keras_es.ESCallback(
         SPACE, schedule_optimizer(horizon), train_data=(x, y), meta_data=(x_val, y_val),
         num_particles=config["particles"], sigma=0.2, truncation_length=k, horizon=horizon,
-        objective="final", telescope=False, batch_size=32,
+        meta_objective="final", telescope=False, batch_size=32,
         # use_ema: the fit ends with the moving average of theta over ~100 windows.
         outer_optimizer=keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.99),
         seed=seed)
@@ -226,7 +226,7 @@ def main(argv=None):
     results = {
         "dataset": args.dataset,
         "quick": bool(args.quick),
-        "settings": {**config, "truncation_length": 10, "sigma": 0.2, "objective": "final",
+        "settings": {**config, "truncation_length": 10, "sigma": 0.2, "meta_objective": "final",
                      "telescope": False, "tau": TAU_FRACTION * config["horizon"]},
         "theta_init": theta_init,
         "theta_final": theta_final,

@@ -20,7 +20,6 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "keras_es"
 # Examples that are not yet self-contained; each owner removes its entry when the
 # example runs (pytest reports an entry whose example passes as XPASS).
 PENDING = {
-    "keras_es.callback.ESCallback",
     "keras_es.engine.Population",
     "keras_es.oracle.ESOracle",
     "keras_es.oracle.ESSearch",
