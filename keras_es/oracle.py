@@ -184,6 +184,10 @@ class ESOracle(keras_tuner.Oracle):
                          tune_new_entries=tune_new_entries, seed=seed,
                          max_retries_per_trial=max_retries_per_trial,
                          max_consecutive_failed_trials=max_consecutive_failed_trials)
+        if seed is not None and self.seed != seed:
+            # keras-tuner reads seed=0 as "no seed" and draws a random one: a search
+            # given seed=0 must be as reproducible as one given any other seed.
+            self.seed = self._seed_state = int(seed)
         if hasattr(self.objective, "name_to_direction"):  # a MultiObjective
             raise ValueError(f"objective={objective!r} is invalid; ESOracle needs a single "
                              "objective (one metric name or keras_tuner.Objective).")

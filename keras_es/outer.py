@@ -144,7 +144,7 @@ class MetaTrainer:
         particles = tf.function(start, autograph=False)(tf.constant(initial))
         self._check_layout(particles, pairs_per_replica)
         rows = (tf.nest.map_structure(lambda _: 2 * pairs_per_replica, particles[0]),
-                _estimator_rows(particles[1], pairs_per_replica))
+                estimator.state_rows(particles[1], pairs_per_replica))
         self._particles = distribute_lib.ShardedParticles(strategy, particles, rows)
         self._step_fn = tf.function(self._step, autograph=False)
 
@@ -259,8 +259,10 @@ class MetaTrainer:
 
     def restore(self, path: str) -> None:
         """Restores a checkpoint written by `save` of an identically built trainer
-        (same system, estimator, seed and ``num_particles``; any strategy)."""
-        self.checkpoint().read(path).assert_consumed()
+        (same system, estimator, seed and ``num_particles``; any strategy), or by
+        keras_es 0.1/0.2."""
+        if not self._restore_earlier_layout(path):
+            self.checkpoint().read(path).assert_consumed()
 
     # ------------------------------------------------------------------ internals
     def _step(self, particles):
@@ -291,6 +293,26 @@ class MetaTrainer:
         applied = outer_update(self.optimizer, self.theta, result.gradient, result.valid_pairs)
         self.outer_step.assign_add(1)
         return particles, result, applied
+
+    def _restore_earlier_layout(self, path: str) -> bool:
+        """Restores a checkpoint whose particle tensors are in an earlier layout (keras_es
+        0.1 and 0.2 kept one flat estimator state); False if it is in this one."""
+        reader = tf.train.load_checkpoint(path)
+        prefix = "particles/.ATTRIBUTES/leaf_"
+        count = sum(1 for key in reader.get_variable_to_shape_map()
+                    if key.startswith(prefix) and key[len(prefix):].isdigit())
+        system_state, template = self._particles.gather()
+        if count == len(tf.nest.flatten((system_state, template))):
+            return False
+        saved = [reader.get_tensor(f"{prefix}{i}") for i in range(count)]
+        n = len(tf.nest.flatten(system_state))
+        system_state = tf.nest.pack_sequence_as(
+            system_state, [tf.constant(v) for v in saved[:n]])
+        state = self.estimator.restore_state(saved[n:], template)
+        tf.train.Checkpoint(theta=self.theta, optimizer=self.optimizer,
+                            outer_step=self.outer_step).read(path).expect_partial()
+        self._particles.scatter((system_state, state))
+        return True
 
     def _check_layout(self, particles, pairs_per_replica):
         for leaf in tf.nest.flatten(particles[0]):
@@ -377,12 +399,3 @@ def _takes_state(function) -> bool:
     positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 3
-
-
-def _estimator_rows(state: EstimatorState, pairs_per_replica: int) -> EstimatorState:
-    """Rows per replica of each estimator-state leaf: per-pair leaves are sharded, the
-    guided FIFO and the divergence count are the same on every replica."""
-    per_pair = tf.nest.map_structure(lambda _: pairs_per_replica, state)
-    return per_pair._replace(guided=tf.nest.map_structure(lambda _: 0, state.guided),
-                             diverged=0, scale=0)
-
