@@ -84,7 +84,7 @@ def _trainer(strategy, width, num_particles, jit_compile=False, normalize=False)
         optimizer = keras.optimizers.Adam(0.01)
     estimator = keras_es.es_single(0.1, TRUNCATION, horizon=200, normalize=normalize)
     trainer = keras_es.MetaTrainer(system, estimator, space, num_particles,
-                                   optimizer=optimizer, seed=0, strategy=strategy,
+                                   outer_optimizer=optimizer, seed=0, strategy=strategy,
                                    jit_compile=jit_compile)
     parameters = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     return trainer, parameters

@@ -207,7 +207,7 @@ def run_es(problem: Problem, config: Config, alpha: float,
     trainer = keras_es.MetaTrainer(
         PerturbedQuadratic(problem), estimator, np.zeros(problem.A.shape[1], np.float32),
         num_particles=config.num_particles,
-        optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate),
+        outer_optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate),
         seed=config.seed, surrogate=surrogate)
     gaps = []
     done = 0

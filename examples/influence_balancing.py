@@ -43,7 +43,7 @@ def run_es(method: str, steps: int, num_particles: int, sigma: float, learning_r
     """theta after every outer step of one ES method."""
     estimator = keras_es.ESTIMATORS[method](sigma=sigma, truncation_length=1)
     trainer = keras_es.MetaTrainer(influence_balancing(), estimator, [theta0], num_particles,
-                                   optimizer=keras.optimizers.SGD(learning_rate), seed=seed)
+                                   outer_optimizer=keras.optimizers.SGD(learning_rate), seed=seed)
     return trainer.train(steps)["theta_0"]
 
 

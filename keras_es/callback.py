@@ -214,7 +214,7 @@ def _build_trainer(callback: ESCallback, estimator: Estimator) -> MetaTrainer:
                 "state, which lives on one replica; use one device or no guided.")
         surrogate = _surrogate(system, callback.seed)
     return MetaTrainer(system, estimator, callback.space, callback.num_particles,
-                       optimizer=outer_optimizer, seed=callback.seed, surrogate=surrogate,
+                       outer_optimizer=outer_optimizer, seed=callback.seed, surrogate=surrogate,
                        jit_compile=callback._use_xla(estimator, population),
                        strategy=strategy)
 

@@ -52,10 +52,15 @@ from keras_es import distribute as distribute_lib
 from keras_es import noise as noise_lib
 from keras_es.core import credit as credit_lib
 from keras_es.core import guard as guard_lib
+from keras_es.core import pairs as pairs_lib
+from keras_es.core import reduce as reduce_lib
 from keras_es.core import resampling as resampling_lib
 from keras_es.core import sampling as sampling_lib
+from keras_es.core import unroll as unroll_lib
+from keras_es.core.pairs import sign as _sign
+from keras_es.core.pairs import twin as _twin
 from keras_es.core.sampling import GuidedConfig
-from keras_es.unrolled import UnrolledSystem, select
+from keras_es.unrolled import UnrolledSystem
 
 _OBJECTIVES = ("sum", "final")
 
@@ -222,14 +227,8 @@ class Estimator:
             pairs' credited differences in the window, making the step size scale-free.
         clip_outliers: A pair whose credited difference exceeds this multiple of the
             scale of the pairs' differences is credited at that bound instead (default
-            100; None turns it off). The scale is the larger of the window's (upper)
-            median difference over valid pairs and a running average of past windows'
-            medians, so one outlier (a particle reporting 1e30) cannot throw theta or
-            overflow the outer optimizer's slots, while ordinary differences are not
-            touched (measured on a tuned MLP with 4 pairs: 10 medians clipped a pair in
-            about 1 window of 3, 100 in none of 12). Clipping biases the estimate where
-            it acts; the number of clipped pairs is reported
-            (``WindowResult.clipped_pairs``).
+            100; None turns it off; see `keras_es.core.guard`). Clipping biases the
+            estimate where it acts; ``WindowResult.clipped_pairs`` counts it.
     """
 
     name: str
@@ -294,15 +293,18 @@ class Estimator:
         whatever this estimator's pieces. Raises ``ValueError`` for anything else."""
         return _restore_state(leaves, template)
 
-    def _staggered(self) -> bool:
+    @property
+    def staggered(self) -> bool:
+        """Whether pairs start staggered over the horizon (``stagger`` and a horizon)."""
         return self.stagger and self.horizon is not None and self.horizon > 1
 
     def start_offsets(self, num_pairs: int) -> tf.Tensor:
         """Steps each pair is burned in before the first window (``stagger``)."""
-        return self._offsets(tf.range(num_pairs), num_pairs)
+        return self.offsets(tf.range(num_pairs), num_pairs)
 
-    def _offsets(self, pair_index, total_pairs):
-        if not self._staggered():
+    def offsets(self, pair_index, total_pairs: int) -> tf.Tensor:
+        """`start_offsets` of the pairs ``pair_index`` of ``total_pairs``, in the graph."""
+        if not self.staggered:
             return tf.zeros_like(pair_index)
         # int64: pair index times horizon can pass 2^31.
         offsets = (tf.cast(pair_index, tf.int64) * self.horizon) // total_pairs
@@ -312,9 +314,8 @@ class Estimator:
                     first_pair=0) -> Any:
         """Initial system states for ``2 * num_pairs`` particles (episode 0 keys) of
         pairs ``first_pair, ..., first_pair + num_pairs - 1``."""
-        pair_index = first_pair + tf.range(num_pairs)
-        return system.init(_twin(noise_lib.pair_seeds(
-            seed, noise_lib.STREAM_EPISODE, pair_index, tf.zeros([num_pairs], tf.int32))))
+        return system.init(pairs_lib.episode_keys(tf.zeros([num_pairs], tf.int32), seed,
+                                                  first_pair))
 
     def push_surrogate(self, state: EstimatorState, surrogate: tf.Tensor) -> EstimatorState:
         """Adds a surrogate gradient (same parametrization as theta) to the guided FIFO."""
@@ -415,7 +416,7 @@ class Estimator:
             stepped=sums.stepped | active)
         counters = state.counters
         episode_step = counters.episode_step + tf.cast(active, tf.int32)
-        ended = self._ended(episode_step, done, num_pairs) & active & finite
+        ended = _ended(self.horizon, episode_step, done, num_pairs) & active & finite
         state = state._replace(counters=counters._replace(
             episode_step=episode_step, steps=counters.steps + tf.cast(active, tf.int32)))
         if self.credit.final:
@@ -424,23 +425,7 @@ class Estimator:
             sums = sums._replace(credit=sums.credit + part if credit else sums.credit)
             state, bad = state._replace(credit=telescope), bad | f_bad
         sums = _invalidate(sums, bad)
-        return self._restarted(state, ended | bad), sums, ended | bad
-
-    def _ended(self, episode_step, done, num_pairs):
-        ended = tf.zeros_like(episode_step, tf.bool)
-        if self.horizon is not None:
-            ended = episode_step >= self.horizon
-        if done is not None:
-            done = tf.reshape(tf.cast(done, tf.bool), [2 * num_pairs])
-            ended = ended | done[0::2] | done[1::2]
-        return ended
-
-    @staticmethod
-    def _restarted(state: EstimatorState, restart) -> EstimatorState:
-        counters = state.counters
-        return state._replace(counters=counters._replace(
-            episode=counters.episode + tf.cast(restart, tf.int32),
-            episode_step=tf.where(restart, 0, counters.episode_step)))
+        return _restarted(state, ended | bad), sums, ended | bad
 
     def finish(self, state: EstimatorState, sums: WindowSums, *, meta_losses=None,
                finite=None, credit: bool = True):
@@ -487,183 +472,29 @@ class Estimator:
             differences=sums.differences, valid=valid, loss_sum=sums.loss_sum,
             loss_count=sums.loss_count, meta_sum=meta_sum, meta_count=meta_count,
             diverged=sums.diverged)
-        return self._restarted(state, restart), partials, restart
-
-    def episode_keys(self, state: EstimatorState, seed, first_pair=0) -> tf.Tensor:
-        """Initialization keys ``[2 pairs, 2]`` of each pair's current episode (both twins
-        share one)."""
-        pair_index = first_pair + tf.range(state.num_pairs)
-        return _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_EPISODE, pair_index,
-                                          state.episode))
-
-    def step_keys(self, state: EstimatorState, seed, first_pair=0) -> tf.Tensor:
-        """Minibatch and dropout keys ``[2 pairs, 2]`` of each pair's next step."""
-        pair_index = first_pair + tf.range(state.num_pairs)
-        return _twin(noise_lib.pair_seeds(seed, noise_lib.STREAM_STEP, pair_index,
-                                          state.steps))
+        return _restarted(state, restart), partials, restart
 
     def combine(self, state: EstimatorState, partials: WindowPartials,
                 shard: distribute_lib.Shard | None = None):
-        """Sums the replicas' `WindowPartials` into the window's estimate.
-
-        With ``clip_outliers`` or ``normalize``, one all-reduce gathers every pair's
-        credited difference (two floats per pair over all replicas) first; then one of
-        ``dim + 7`` floats. Every replica gets the same result and guard state.
-
-        Returns:
-            ``(state, WindowResult)``.
-        """
-        shard = shard or distribute_lib.single(int(partials.valid.shape[0]))
-        pair_gradients, spread = partials.pair_gradients, None
-        guard, clipped = state.guard, tf.constant(0.0)
-        if self.normalize or self.clip_outliers is not None:
-            differences, valid = _gather_pairs(shard, partials)
-            if self.normalize:
-                spread = guard_lib.masked_std(differences, valid)
-            if self.clip_outliers is not None:
-                factor, clipped, scale = self.guard.outliers(
-                    guard, differences, valid, partials.differences, partials.valid)
-                pair_gradients = pair_gradients * factor[:, None]
-                guard = guard._replace(scale=scale)
-        total = _all_reduce_nest(shard, {
-            "gradient": tf.reduce_sum(pair_gradients, 0),
-            "valid": tf.reduce_sum(tf.cast(partials.valid, tf.float32)),
-            "loss_sum": partials.loss_sum, "loss_count": partials.loss_count,
-            "meta_sum": partials.meta_sum, "meta_count": partials.meta_count,
-            "diverged": tf.cast(partials.diverged, tf.float32), "clipped": clipped})
-        gradient = total["gradient"] / tf.maximum(total["valid"], 1.0)
-        if spread is not None:
-            gradient = tf.math.divide_no_nan(gradient, spread)
-        # Counts are exact in float32 up to 2^24.
-        diverged = tf.cast(tf.round(total["diverged"]), tf.int32)
-        # A window without one finite loss has no mean loss: NaN, never 0 (which a
-        # ModelCheckpoint(save_best_only=True) would take for the best epoch).
-        meta_loss = (_mean(total["meta_sum"], total["meta_count"])
-                     if self.credit.final else tf.constant(float("nan")))
-        state = state._replace(guard=guard._replace(diverged=guard.diverged + diverged))
-        return state, WindowResult(
-            gradient=tf.where(tf.math.is_finite(gradient), gradient, 0.0),
-            loss=_mean(total["loss_sum"], total["loss_count"]), meta_loss=meta_loss,
-            valid_pairs=tf.cast(tf.round(total["valid"]), tf.int32), diverged_pairs=diverged,
-            pair_gradients=pair_gradients,
-            clipped_pairs=tf.cast(tf.round(total["clipped"]), tf.int32))
+        """Sums the replicas' `WindowPartials` into the window's estimate; see
+        `keras_es.core.reduce.combine`. Returns ``(state, WindowResult)``."""
+        return reduce_lib.combine(self, state, partials, shard)
 
     # ------------------------------------------------------------------ windows
     def window(self, system: UnrolledSystem, system_state, state: EstimatorState, theta,
                seed, shard: distribute_lib.Shard | None = None, jit_compile: bool = False,
                active=None, credit: bool = True):
-        """Runs one truncated unroll of K steps (ask, ``system.step``, tell) and
-        estimates the gradient.
-
-        Args:
-            system: The `UnrolledSystem`.
-            system_state: Its particles' states.
-            state: This estimator's `EstimatorState`.
-            theta: float32 ``[dim]`` unconstrained hyperparameters.
-            seed: int scalar, the run's seed.
-            shard: The pairs this replica holds (`keras_es.distribute.replica_shard`
-                inside ``strategy.run``); default: all of them, on one device.
-            jit_compile: Compile the particles' steps with XLA (the cross-replica
-                reduction stays outside the compiled part).
-            active: Optional bool ``[pairs]``: pairs that take part in this window
-                (default all). The others wait: their states, noise and counters do
-                not move and they are not credited.
-            credit: Whether the window's losses are credited to the estimate.
-
-        Returns:
-            ``(system_state, state, WindowResult)``.
-        """
-        shard = shard or distribute_lib.single(state.num_pairs)
-        wait = tf.zeros([state.num_pairs], tf.int32)
-        if active is not None:
-            wait = tf.where(tf.convert_to_tensor(active, tf.bool), 0, self.truncation_length + 1)
-        system_state, state, partials = _unroll(
-            self, system, system_state, state, theta, seed, shard.first_pair,
-            self.truncation_length, wait, credit, jit_compile)
-        state, result = self.combine(state, partials, shard)
-        return system_state, state, result
+        """One truncated unroll of K steps and its estimate; see `keras_es.core.unroll.window`.
+        Returns ``(system_state, state, WindowResult)``."""
+        return unroll_lib.window(self, system, system_state, state, theta, seed, shard,
+                                 jit_compile, active, credit)
 
     def burn_in(self, system: UnrolledSystem, system_state, state: EstimatorState, theta,
                 seed, shard: distribute_lib.Shard | None = None, jit_compile: bool = False):
-        """Advances pair ``p`` by ``start_offsets[p]`` uncredited steps.
-
-        The steps use the pair's perturbations and build its accumulator exactly as
-        credited steps would, so later windows stay unbiased; only their losses are not
-        credited. Returns ``(system_state, state)``.
-        """
-        shard = shard or distribute_lib.single(state.num_pairs)
-        total = shard.total_pairs
-        # Python arithmetic (not a tensor), so no graph conditional ever wraps the
-        # cross-replica reduction below. Offsets ascend: the last pair's is the longest.
-        longest = (total - 1) * self.horizon // total if self._staggered() else 0
-        if longest == 0:
-            return system_state, state
-        wait = longest - self._offsets(shard.first_pair + tf.range(state.num_pairs), total)
-        system_state, state, partials = _unroll(
-            self, system, system_state, state, theta, seed, shard.first_pair, longest, wait,
-            False, jit_compile)
-        state, _ = self.combine(state, partials, shard)
-        return system_state, state
-
-
-# ---------------------------------------------------------------------- the unroll
-def _unroll(est: Estimator, system, system_state, state, theta, seed, first_pair,
-            num_steps, wait, credit, jit_compile):
-    """``num_steps`` steps of ask -> ``system.step`` -> tell for this replica's pairs
-    (pair ``p`` waits ``wait[p]`` steps first), then `Estimator.finish`; compiled with
-    XLA when asked. Returns ``(system_state, state, WindowPartials)``."""
-    def run(system_state, state, theta, wait, first_pair):
-        return _unroll_graph(est, system, system_state, state, theta, seed, first_pair,
-                             num_steps, wait, credit)
-
-    theta = tf.convert_to_tensor(theta, tf.float32)
-    first_pair = tf.convert_to_tensor(first_pair, tf.int32)
-    if jit_compile:
-        # A fresh function per trace of the caller, which traces once.
-        run = tf.function(run, jit_compile=True, autograph=False)
-    return run(system_state, state, theta, wait, first_pair)
-
-
-def _unroll_graph(est, system, system_state, state, theta, seed, first_pair, num_steps,
-                  wait, credit):
-    context = est.sampler.context(state.sampler)
-
-    def meta_losses(sys_state, st):
-        f = system.meta_loss(sys_state, est.episode_keys(st, seed, first_pair))
-        return f[0::2], f[1::2]
-
-    def body(s, sys_state, st, sums):
-        active = s >= wait
-        # Window starts; in a burn-in, every K steps after the pair wakes up.
-        window_start = active & tf.equal((s - wait) % est.truncation_length, 0)
-        st, thetas = est.ask(st, theta, seed, active=active, window_start=window_start,
-                             first_pair=first_pair, context=context)
-        new_sys, loss, done = system.step(sys_state, thetas,
-                                          est.step_keys(st, seed, first_pair))
-        sys_state = select(_twin(active), new_sys, sys_state)
-        before = st
-        st, sums, restart = est.tell(st, sums, loss, active=active, done=done,
-                                     meta_losses=lambda: meta_losses(sys_state, before),
-                                     credit=credit)
-        return s + 1, _reset(est, system, sys_state, st, restart, seed, first_pair), st, sums
-
-    _, system_state, state, sums = tf.while_loop(
-        lambda s, *_: s < num_steps, body,
-        (tf.constant(0), system_state, state, est.start_window(state)),
-        maximum_iterations=num_steps)
-    window_end = meta_losses(system_state, state) if est.credit.final else None
-    finite = guard_lib.finite_particles(system_state, state.num_pairs)
-    state, partials, restart = est.finish(state, sums, meta_losses=window_end, finite=finite,
-                                          credit=credit)
-    return _reset(est, system, system_state, state, restart, seed, first_pair), state, partials
-
-
-def _reset(est, system, sys_state, state, restart, seed, first_pair):
-    """Re-initializes both twins of the pairs in ``restart`` with their new episode's key."""
-    keys = est.episode_keys(state, seed, first_pair)
-    return tf.cond(tf.reduce_any(restart),
-                   lambda: system.reset(sys_state, _twin(restart), keys),
-                   lambda: sys_state)
+        """The uncredited staggered start; see `keras_es.core.unroll.burn_in`. Returns
+        ``(system_state, state)``."""
+        return unroll_lib.burn_in(self, system, system_state, state, theta, seed, shard,
+                                  jit_compile)
 
 
 # ---------------------------------------------------------------------- factories
@@ -954,49 +785,29 @@ def _like(value, template) -> tf.Tensor:
     return tf.constant(array.reshape(template.shape), template.dtype)
 
 
-def _sign(num_pairs: int) -> tf.Tensor:
-    """``[2 pairs, 1]``: +1 for particle ``2p``, -1 for ``2p + 1``."""
-    return tf.tile(tf.constant([1.0, -1.0]), [num_pairs])[:, None]
-
-
-def _twin(x: tf.Tensor) -> tf.Tensor:
-    """Repeats per-pair rows for the two twins: ``[pairs, ...] -> [2 pairs, ...]``."""
-    return tf.repeat(x, 2, axis=0)
-
-
 def _mask(mask, num_pairs: int) -> tf.Tensor:
     if mask is None:
         return tf.ones([num_pairs], tf.bool)
     return tf.convert_to_tensor(mask, tf.bool)
 
 
+def _ended(horizon, episode_step, done, num_pairs):
+    ended = tf.zeros_like(episode_step, tf.bool)
+    if horizon is not None:
+        ended = episode_step >= horizon
+    if done is not None:
+        done = tf.reshape(tf.cast(done, tf.bool), [2 * num_pairs])
+        ended = ended | done[0::2] | done[1::2]
+    return ended
+
+def _restarted(state: EstimatorState, restart) -> EstimatorState:
+    counters = state.counters
+    return state._replace(counters=counters._replace(
+        episode=counters.episode + tf.cast(restart, tf.int32),
+        episode_step=tf.where(restart, 0, counters.episode_step)))
+
+
 def _invalidate(sums: WindowSums, bad) -> WindowSums:
     """Marks ``bad`` pairs invalid for the window and counts them as diverged."""
     return sums._replace(invalid=sums.invalid | bad,
                          diverged=sums.diverged + tf.reduce_sum(tf.cast(bad, tf.int32)))
-
-
-def _mean(total, count):
-    return tf.where(count > 0, tf.math.divide_no_nan(total, count), float("nan"))
-
-
-def _gather_pairs(shard, partials: WindowPartials):
-    """Every pair's credited difference and validity, over all replicas: each replica
-    writes its own into a zero vector over all pairs, so one sum carries them (x + 0 is
-    exact) with static shapes."""
-    index = (shard.first_pair + tf.range(tf.shape(partials.valid)[0]))[:, None]
-    size = [shard.total_pairs]
-    gathered = shard.all_reduce(tf.stack([
-        tf.scatter_nd(index, tf.where(partials.valid, partials.differences, 0.0), size),
-        tf.scatter_nd(index, tf.cast(partials.valid, tf.float32), size)]))
-    return gathered[0], gathered[1] > 0.5
-
-
-def _all_reduce_nest(shard, nest):
-    """Sums a nest of float32 tensors over replicas in one all-reduce."""
-    leaves = [tf.convert_to_tensor(v, tf.float32) for v in tf.nest.flatten(nest)]
-    sizes = [int(np.prod(v.shape)) for v in leaves]
-    total = shard.all_reduce(tf.concat([tf.reshape(v, [-1]) for v in leaves], 0))
-    parts = tf.split(total, sizes)
-    return tf.nest.pack_sequence_as(
-        nest, [tf.reshape(p, v.shape) for p, v in zip(parts, leaves, strict=True)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 
 import keras
@@ -12,7 +13,7 @@ import tensorflow as tf
 
 from keras_es import checks, keras_compat
 from keras_es import distribute as distribute_lib
-from keras_es.estimators import Estimator, EstimatorState
+from keras_es.estimators import Estimator, EstimatorState, resolve
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import UnrolledSystem
 
@@ -41,23 +42,31 @@ class MetaTrainer:
     Example:
 
     ```python
+    import keras
+    import keras_es
+    from keras_es.systems import influence_balancing
+
     trainer = keras_es.MetaTrainer(
-        system, keras_es.es_single(sigma=0.1, truncation_length=10, horizon=200),
-        theta=space, num_particles=64, optimizer=keras.optimizers.Adam(1e-2))
-    history = trainer.train(500)
-    trainer.values      # {"learning_rate": ..., ...} in natural units
+        influence_balancing(), keras_es.es_single(sigma=0.1, truncation_length=10,
+                                                  horizon=100),
+        theta=[0.5], num_particles=8, outer_optimizer=keras.optimizers.Adam(1e-2))
+    history = trainer.train(5)      # {"loss": [...], "theta_0": [...], ...}
+    trainer.values                  # theta; a {name: value} dict for a SearchSpace
     ```
 
     Args:
         system: The `UnrolledSystem` (inner problem).
-        estimator: An `Estimator` (``es_single(...)``, ...).
+        estimator: An `Estimator` (``keras_es.es_single(...)``, ...), or a name
+            (``"es_single"``, ``"pes"``, ``"truncated_es"``, ``"full_es"``) with the
+            settings below, as every front end takes it (`keras_es.estimators.resolve`).
         theta: Initial unconstrained hyperparameters ``[dim]``, or a
             `SearchSpace` (its declared values are encoded
             and `values` decodes theta back to natural units).
         num_particles: N, an even number (antithetic pairs).
-        optimizer: A Keras optimizer for theta; default ``Adam(0.01)``, as in
-            `keras_es.ESCallback` and `keras_es.ESOracle`: its steps are bounded by its
-            learning rate, so no single estimate can throw theta far.
+        outer_optimizer: A Keras optimizer for theta; default
+            `default_outer_optimizer` (``Adam(0.01)``), as in `keras_es.ESCallback` and
+            `keras_es.ESOracle`: its steps are bounded by its learning rate, so no
+            single estimate can throw theta far. (``optimizer=`` is its old name.)
         seed: Integer seed from which every perturbation, data key and
             re-initialization key is derived.
         surrogate: Optional tensor function pushed into the guided FIFO before every
@@ -69,84 +78,67 @@ class MetaTrainer:
         strategy: A ``tf.distribute.Strategy`` to shard the particles over; default
             the current one (``tf.distribute.get_strategy()``: one device unless the
             trainer is built inside a ``strategy.scope()``). ``num_particles`` must be
-            a multiple of 2 x replicas, and a given ``optimizer`` must be created inside
-            ``strategy.scope()``.
+            a multiple of 2 x replicas, and a given ``outer_optimizer`` must be created
+            inside ``strategy.scope()``.
+        **settings: With an estimator name: ``sigma``, ``truncation_length``,
+            ``horizon``, ``meta_objective``, ``telescope``, ``guided`` and the other
+            keywords of `keras_es.estimators.resolve`, with its defaults.
     """
 
-    def __init__(self, system: UnrolledSystem, estimator: Estimator,
-                 theta, num_particles: int, optimizer: keras.optimizers.Optimizer | None = None,
+    def __init__(self, system: UnrolledSystem, estimator: str | Estimator, theta,
+                 num_particles: int, outer_optimizer: keras.optimizers.Optimizer | None = None,
                  seed: int = 0, surrogate: Callable | None = None, jit_compile: bool = False,
-                 strategy: tf.distribute.Strategy | None = None):
-        if not isinstance(estimator, Estimator):
-            raise ValueError(f"estimator={estimator!r} is invalid; expected a keras_es Estimator "
-                             "such as keras_es.es_single(...).")
-        if not isinstance(system, UnrolledSystem):
-            raise ValueError(f"system={system!r} is invalid; expected a keras_es.UnrolledSystem.")
-        checks.num_particles(num_particles)
-        checks.seed(int(seed) if isinstance(seed, np.integer) else seed)
-        checks.optimizer("optimizer", optimizer)
-        checks.boolean("jit_compile", jit_compile)
-        if surrogate is not None and estimator.guided is None:
-            raise ValueError("surrogate was given but estimator.guided is None; build the "
-                             "estimator with guided=keras_es.GuidedConfig(...).")
-        if estimator.objective == "final" and type(system).meta_loss is UnrolledSystem.meta_loss:
-            raise ValueError(f"objective='final' needs {type(system).__name__}.meta_loss(); "
-                             "implement it or use objective='sum'.")
-        strategy = distribute_lib.check_strategy(strategy, num_particles)
+                 strategy: tf.distribute.Strategy | None = None, *, optimizer=None,
+                 **settings):
+        if optimizer is not None:
+            if outer_optimizer is not None:
+                raise ValueError("optimizer= and outer_optimizer= were both given; optimizer= "
+                                 "is the old name of outer_optimizer=: pass one.")
+            warnings.warn("MetaTrainer(optimizer=...) is now outer_optimizer=..., the name "
+                          "every keras_es front end uses.", DeprecationWarning, stacklevel=2)
+            outer_optimizer = optimizer
+        estimator = resolve(estimator, **settings)
+        strategy = _check_arguments(system, estimator, num_particles, outer_optimizer, seed,
+                                    surrogate, jit_compile, strategy)
         self._surrogate_reads_state = surrogate is not None and _takes_state(surrogate)
-        if self._surrogate_reads_state and strategy.num_replicas_in_sync > 1:
-            raise ValueError(
-                "surrogate takes the particles' system_state, which a strategy of "
-                f"{strategy.num_replicas_in_sync} replicas keeps split across devices; use "
-                "one device or a surrogate(theta, outer_step).")
-        if optimizer is not None and \
-                keras_compat.optimizer_strategy(optimizer, strategy) is not strategy:
-            # Keras optimizers bind to the strategy current when they are created.
-            raise ValueError(
-                f"optimizer={type(optimizer).__name__}(...) was created outside the scope of "
-                f"strategy={type(strategy).__name__}; create it inside "
-                "`with strategy.scope():` (or leave it None).")
         self.space = theta if isinstance(theta, SearchSpace) else None
         initial = self.space.encode() if self.space else np.asarray(theta, np.float32)
         if initial.ndim != 1 or initial.size == 0 or not np.all(np.isfinite(initial)):
             raise ValueError(f"theta={theta!r} is invalid; expected a non-empty finite vector.")
-        self.system = system
-        self.estimator = estimator
-        self.strategy = strategy
+        self.system, self.estimator, self.strategy = system, estimator, strategy
         self.num_pairs = num_particles // 2
         self.seed = int(seed)
         self.surrogate = surrogate
         self.jit_compile = bool(jit_compile)
         with strategy.scope():  # mirrored meta-state: one identical copy per replica
-            self.optimizer = optimizer or default_outer_optimizer()
+            self.optimizer = outer_optimizer or default_outer_optimizer()
             self.theta = keras.Variable(initial.astype(np.float32), name="theta")
             self.optimizer.build([self.theta])
             self.outer_step = tf.Variable(0, dtype=tf.int64, name="outer_step")
-
         pairs_per_replica = self.num_pairs // strategy.num_replicas_in_sync
-        dim = int(initial.size)
-
-        def start(theta):
-            def replica():
-                shard = distribute_lib.replica_shard(self.num_pairs)
-                system_state = estimator.init_system(system, pairs_per_replica, self.seed,
-                                                     first_pair=shard.first_pair)
-                state = estimator.init(pairs_per_replica, dim)
-                # A burn-in can be as long as a whole episode: compiled with the step.
-                system_state, state = estimator.burn_in(system, system_state, state, theta,
-                                                        self.seed, shard, jit_compile)
-                return system_state, state
-            return strategy.run(replica)
-
         # autograph=False here and below: keras_es writes its graph control flow
         # explicitly (tf.while_loop, tf.cond), and AutoGraph's source transformation of
         # every function reached (Keras layers included) was 3/4 of a first step's time.
-        particles = tf.function(start, autograph=False)(tf.constant(initial))
+        particles = tf.function(self._start, autograph=False)(tf.constant(initial))
         self._check_layout(particles, pairs_per_replica)
         rows = (tf.nest.map_structure(lambda _: 2 * pairs_per_replica, particles[0]),
                 estimator.state_rows(particles[1], pairs_per_replica))
         self._particles = distribute_lib.ShardedParticles(strategy, particles, rows)
         self._step_fn = tf.function(self._step, autograph=False)
+
+    def _start(self, theta):
+        """Every replica's initial particle and estimator states, burned in."""
+        pairs = self.num_pairs // self.strategy.num_replicas_in_sync
+
+        def replica():
+            shard = distribute_lib.replica_shard(self.num_pairs)
+            system_state = self.estimator.init_system(self.system, pairs, self.seed,
+                                                      first_pair=shard.first_pair)
+            state = self.estimator.init(pairs, int(theta.shape[0]))
+            # A burn-in can be as long as a whole episode: compiled with the step.
+            return self.estimator.burn_in(self.system, system_state, state, theta,
+                                          self.seed, shard, self.jit_compile)
+        return self.strategy.run(replica)
 
     # ------------------------------------------------------------------ public
     @property
@@ -388,6 +380,37 @@ def outer_update(optimizer: keras.optimizers.Optimizer, theta: keras.Variable, g
     usable = tf.logical_and(tf.convert_to_tensor(valid_pairs) > 0,
                             tf.reduce_all(tf.math.is_finite(gradient)))
     return tf.cond(usable, update, lambda: tf.constant(False))
+
+
+def _check_arguments(system, estimator, num_particles, outer_optimizer, seed, surrogate,
+                     jit_compile, strategy) -> tf.distribute.Strategy:
+    """`MetaTrainer`'s argument checks, before any work; returns the strategy."""
+    if not isinstance(system, UnrolledSystem):
+        raise ValueError(f"system={system!r} is invalid; expected a keras_es.UnrolledSystem.")
+    checks.num_particles(num_particles)
+    checks.seed(int(seed) if isinstance(seed, np.integer) else seed)
+    checks.optimizer("outer_optimizer", outer_optimizer)
+    checks.boolean("jit_compile", jit_compile)
+    if surrogate is not None and estimator.guided is None:
+        raise ValueError("surrogate was given but estimator.guided is None; build the "
+                         "estimator with guided=keras_es.GuidedConfig(...).")
+    if estimator.objective == "final" and type(system).meta_loss is UnrolledSystem.meta_loss:
+        raise ValueError(f"objective='final' needs {type(system).__name__}.meta_loss(); "
+                         "implement it or use objective='sum'.")
+    strategy = distribute_lib.check_strategy(strategy, num_particles)
+    if surrogate is not None and _takes_state(surrogate) and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            "surrogate takes the particles' system_state, which a strategy of "
+            f"{strategy.num_replicas_in_sync} replicas keeps split across devices; use "
+            "one device or a surrogate(theta, outer_step).")
+    if outer_optimizer is not None and \
+            keras_compat.optimizer_strategy(outer_optimizer, strategy) is not strategy:
+        # Keras optimizers bind to the strategy current when they are created.
+        raise ValueError(
+            f"outer_optimizer={type(outer_optimizer).__name__}(...) was created outside the "
+            f"scope of strategy={type(strategy).__name__}; create it inside "
+            "`with strategy.scope():` (or leave it None).")
+    return strategy
 
 
 def _takes_state(function) -> bool:

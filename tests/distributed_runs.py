@@ -43,7 +43,7 @@ def oracle_trainer(strategy):
     with strategy.scope():
         optimizer = keras.optimizers.Adam(0.05)
     return keras_es.MetaTrainer(testing.oracle_system(), estimator, testing.ORACLE_THETA,
-                                num_particles=16, optimizer=optimizer, seed=5,
+                                num_particles=16, outer_optimizer=optimizer, seed=5,
                                 strategy=strategy)
 
 
@@ -69,7 +69,7 @@ def keras_trainer(strategy, jit_compile=False, hidden=8):
                                       batch_size=8, step_loss="meta")
         optimizer = keras.optimizers.Adam(0.05)
     return keras_es.MetaTrainer(system, keras_es.es_single(0.1, 2, horizon=6), space,
-                                num_particles=8, optimizer=optimizer, seed=3,
+                                num_particles=8, outer_optimizer=optimizer, seed=3,
                                 strategy=strategy, jit_compile=jit_compile)
 
 
@@ -99,7 +99,7 @@ def cnn_trainer(strategy):
                                       batch_size=8, step_loss="meta")
         optimizer = keras.optimizers.Adam(0.1)
     return keras_es.MetaTrainer(system, keras_es.es_single(0.1, 2, horizon=6), space,
-                                num_particles=8, optimizer=optimizer, seed=4,
+                                num_particles=8, outer_optimizer=optimizer, seed=4,
                                 strategy=strategy)
 
 
@@ -126,7 +126,7 @@ def poisoned_trainer(strategy):
     with strategy.scope():
         optimizer = keras.optimizers.SGD(0.05)
     return keras_es.MetaTrainer(system, keras_es.pes(0.1, 3, horizon=7), testing.ORACLE_THETA,
-                                num_particles=16, optimizer=optimizer, seed=7,
+                                num_particles=16, outer_optimizer=optimizer, seed=7,
                                 strategy=strategy)
 
 
@@ -143,7 +143,7 @@ def guided_trainer(strategy):
                                    guided=keras_es.GuidedConfig(k=1))
     return keras_es.MetaTrainer(
         testing.oracle_system(), estimator, testing.ORACLE_THETA, num_particles=16,
-        optimizer=optimizer, seed=2, strategy=strategy,
+        outer_optimizer=optimizer, seed=2, strategy=strategy,
         surrogate=lambda theta, step: theta * tf.cast(step + 1, tf.float32))
 
 

@@ -209,7 +209,7 @@ def test_optimizer_from_another_strategy_scope_is_rejected():
     optimizer = keras.optimizers.SGD(0.1)  # created outside strategy.scope()
     with pytest.raises(ValueError, match="outside the scope of strategy=OneDeviceStrategy"):
         keras_es.MetaTrainer(testing.oracle_system(), keras_es.pes(0.1, 2), [0.0, 0.0], 4,
-                             optimizer=optimizer, strategy=strategy)
+                             outer_optimizer=optimizer, strategy=strategy)
 
 
 def test_one_device_strategy_matches_default():

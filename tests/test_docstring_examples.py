@@ -23,7 +23,6 @@ PENDING = {
     "keras_es.engine.Population",
     "keras_es.oracle.ESOracle",
     "keras_es.oracle.ESSearch",
-    "keras_es.outer.MetaTrainer",
 }
 
 # Examples that train for seconds: the statistical tier, not the fast one.

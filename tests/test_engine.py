@@ -200,7 +200,7 @@ def test_meta_training_a_learning_rate_lowers_the_meta_loss():
     system = keras_es.KerasSystem(population, train, batch_size=32)
     estimator = keras_es.es_single(0.3, truncation_length=5, horizon=30)
     trainer = keras_es.MetaTrainer(system, estimator, space, 16,
-                                   optimizer=keras.optimizers.Adam(0.1), seed=0,
+                                   outer_optimizer=keras.optimizers.Adam(0.1), seed=0,
                                    jit_compile=True)
     history = trainer.train(40)
     meta = np.asarray(history["loss"])
@@ -274,7 +274,7 @@ def test_population_checkpoint_resume_reproduces_meta_training(tmp_path):
         population = keras_es.Population(model, 4, space, LOSS, engine.SGD("lr", momentum=0.9))
         system = keras_es.KerasSystem(population, _classification_data(256, 0), batch_size=16)
         return keras_es.MetaTrainer(system, keras_es.pes(0.2, 3, horizon=7), space, 4,
-                                    optimizer=keras.optimizers.Adam(0.05), seed=5)
+                                    outer_optimizer=keras.optimizers.Adam(0.05), seed=5)
 
     straight = build()
     straight.train(3)

