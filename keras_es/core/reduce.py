@@ -12,8 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_es import distribute as distribute_lib
-from keras_es import estimators
 from keras_es.core import guard as guard_lib
+from keras_es.core.window import WindowResult
 
 
 def combine(est, state, partials, shard: distribute_lib.Shard | None = None):
@@ -54,7 +54,7 @@ def combine(est, state, partials, shard: distribute_lib.Shard | None = None):
     meta_loss = (_mean(total["meta_sum"], total["meta_count"])
                  if est.credit.final else tf.constant(float("nan")))
     state = state._replace(guard=guard._replace(diverged=guard.diverged + diverged))
-    return state, estimators.WindowResult(
+    return state, WindowResult(
         gradient=tf.where(tf.math.is_finite(gradient), gradient, 0.0),
         loss=_mean(total["loss_sum"], total["loss_count"]), meta_loss=meta_loss,
         valid_pairs=tf.cast(tf.round(total["valid"]), tf.int32), diverged_pairs=diverged,
