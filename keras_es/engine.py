@@ -386,48 +386,16 @@ class Population:
                  initialize: str = "initializers",
                  layer_hyperparameters: Mapping[str, str] | None = None,
                  execution: str = "auto"):
-        if not isinstance(model, keras.Model) or not model.built:
-            raise ValueError(f"model={model!r} is invalid; expected a built keras.Model "
-                             "(give it an Input or call it once).")
-        checks.positive_int("num_particles", num_particles)
-        if not isinstance(space, SearchSpace):
-            raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
-        check_optimizer(optimizer, space)
-        if initialize not in ("initializers", "copy"):
-            raise ValueError(f"initialize={initialize!r} is invalid; expected "
-                             "'initializers' or 'copy'.")
-        if execution not in ("auto", "vectorized", "stacked"):
-            raise ValueError(f"execution={execution!r} is invalid; expected 'auto', "
-                             "'vectorized' or 'stacked'.")
+        _check_population(model, num_particles, space, optimizer, initialize, execution)
         self.stacked = _choose_stacked(model, execution)
         self.model, self.num_particles, self.space = model, num_particles, space
         self.loss, self.optimizer = resolve_loss(loss), optimizer
         self.metrics = dict(metrics or {})
         self.initialize = initialize
         self.trainable_paths = [v.path for v in model.trainable_variables]
-        self._init_specs = self._initializer_specs()
-        self._bound = self._bind_layer_hyperparameters(dict(layer_hyperparameters or {}))
-
-    def _bind_layer_hyperparameters(self, bindings):
-        """``{non-trainable index: hyperparameter name}`` for the given patterns."""
-        bound = {}
-        for pattern, name in bindings.items():
-            if name not in self.space.names:
-                raise ValueError(f"layer_hyperparameters[{pattern!r}]={name!r} is not in space; "
-                                 f"expected one of {self.space.names}.")
-            hits = [i for i, v in enumerate(self.model.non_trainable_variables)
-                    if fnmatch.fnmatch(v.path, pattern)]
-            if not hits:
-                paths = [v.path for v in self.model.non_trainable_variables]
-                raise ValueError(f"layer_hyperparameters pattern {pattern!r} matches no "
-                                 f"non-trainable variable; the model has {paths}.")
-            for i in hits:
-                if len(self.model.non_trainable_variables[i].shape) != 0:
-                    raise ValueError(f"layer_hyperparameters pattern {pattern!r} matches "
-                                     f"{self.model.non_trainable_variables[i].path}, which is "
-                                     "not a scalar.")
-                bound[i] = name
-        return bound
+        self._init_specs = _initializer_specs(model)
+        self._bound = _bind_layer_hyperparameters(model, space,
+                                                  dict(layer_hyperparameters or {}))
 
     def _with_layer_hyperparameters(self, state, hp):
         if not self._bound:
@@ -438,18 +406,6 @@ class Population:
         return state._replace(non_trainable=tuple(values))
 
     # ------------------------------------------------------------------ state
-    def _initializer_specs(self):
-        owner = {}
-        for layer in keras_compat.sublayers(self.model):
-            for v in keras_compat.own_variables(layer):
-                owner[id(v)] = layer
-        specs = []
-        for v in self.model.trainable_variables + self.model.non_trainable_variables:
-            layer = owner.get(id(v))
-            init = initializers.find_initializer(layer, v) if layer is not None else None
-            specs.append((v, init))
-        return specs
-
     def init(self, keys: tf.Tensor) -> PopulationState:
         """Fresh particles: weights from ``keys`` (``[N, 2]`` int32), zero optimizer state.
 
@@ -460,7 +416,7 @@ class Population:
         for index, (variable, init) in enumerate(self._init_specs):
             value = tf.convert_to_tensor(variable.value)
             if "seed_generator_state" in variable.path:
-                values.append(self._seed_states(keys, index, value.dtype))
+                values.append(_seed_states(keys, index, value.dtype))
             elif self.initialize == "initializers" and init is not None:
                 values.append(tf.map_fn(
                     lambda k, init=init, value=value, index=index: initializers.sample(
@@ -475,11 +431,6 @@ class Population:
                       for _ in self.optimizer.slot_names)
         return PopulationState(trainable, tuple(values[n_train:]), slots,
                                tf.zeros([tf.shape(keys)[0]], tf.int32))
-
-    @staticmethod
-    def _seed_states(keys, index, dtype):
-        folded = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k, index), keys)
-        return tf.cast(folded, dtype)
 
     def reset(self, state: PopulationState, mask: tf.Tensor, keys: tf.Tensor) -> PopulationState:
         """Re-initializes the particles where ``mask`` is true (an episode restart)."""
@@ -661,17 +612,81 @@ class Population:
                                slots, tf.zeros([n], tf.int32))
 
     def count_flops_per_example(self) -> int:
-        """Multiply-adds x 2 of one forward pass (for benchmarks).
+        """Multiply-adds x 2 of one forward pass (for benchmarks); see
+        `count_flops_per_example`."""
+        return count_flops_per_example(self.model)
 
-        Counts ``Dense`` layers on 2-D inputs and ``Conv2D`` layers only: a Dense layer
-        applied per position of a longer input is counted once, and other layers
-        (Conv1D/3D, depthwise, separable, transposed, EinsumDense, recurrent) not at all.
-        """
-        flops = 0
-        for layer in keras_compat.sublayers(self.model):
-            if isinstance(layer, keras.layers.Dense):
-                flops += 2 * int(np.prod(layer.kernel.shape))
-            elif isinstance(layer, keras.layers.Conv2D):
-                out = layer.output.shape
-                flops += 2 * int(np.prod(layer.kernel.shape)) * int(out[1]) * int(out[2])
-        return flops
+
+def _check_population(model, num_particles, space, optimizer, initialize, execution):
+    """`Population`'s argument checks, before any work."""
+    if not isinstance(model, keras.Model) or not model.built:
+        raise ValueError(f"model={model!r} is invalid; expected a built keras.Model "
+                         "(give it an Input or call it once).")
+    checks.positive_int("num_particles", num_particles)
+    if not isinstance(space, SearchSpace):
+        raise ValueError(f"space={space!r} is invalid; expected a keras_es.SearchSpace.")
+    check_optimizer(optimizer, space)
+    if initialize not in ("initializers", "copy"):
+        raise ValueError(f"initialize={initialize!r} is invalid; expected "
+                         "'initializers' or 'copy'.")
+    if execution not in ("auto", "vectorized", "stacked"):
+        raise ValueError(f"execution={execution!r} is invalid; expected 'auto', "
+                         "'vectorized' or 'stacked'.")
+
+
+def _bind_layer_hyperparameters(model, space, bindings):
+    """``{non-trainable index: hyperparameter name}`` for the given patterns."""
+    bound = {}
+    for pattern, name in bindings.items():
+        if name not in space.names:
+            raise ValueError(f"layer_hyperparameters[{pattern!r}]={name!r} is not in space; "
+                             f"expected one of {space.names}.")
+        hits = [i for i, v in enumerate(model.non_trainable_variables)
+                if fnmatch.fnmatch(v.path, pattern)]
+        if not hits:
+            paths = [v.path for v in model.non_trainable_variables]
+            raise ValueError(f"layer_hyperparameters pattern {pattern!r} matches no "
+                             f"non-trainable variable; the model has {paths}.")
+        for i in hits:
+            if len(model.non_trainable_variables[i].shape) != 0:
+                raise ValueError(f"layer_hyperparameters pattern {pattern!r} matches "
+                                 f"{model.non_trainable_variables[i].path}, which is "
+                                 "not a scalar.")
+            bound[i] = name
+    return bound
+
+
+def _initializer_specs(model):
+    """``(variable, initializer or None)`` for every variable of ``model``."""
+    owner = {}
+    for layer in keras_compat.sublayers(model):
+        for v in keras_compat.own_variables(layer):
+            owner[id(v)] = layer
+    specs = []
+    for v in model.trainable_variables + model.non_trainable_variables:
+        layer = owner.get(id(v))
+        init = initializers.find_initializer(layer, v) if layer is not None else None
+        specs.append((v, init))
+    return specs
+
+
+def _seed_states(keys, index, dtype):
+    folded = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k, index), keys)
+    return tf.cast(folded, dtype)
+
+
+def count_flops_per_example(model: keras.Model) -> int:
+    """Multiply-adds x 2 of one forward pass (for benchmarks).
+
+    Counts ``Dense`` layers on 2-D inputs and ``Conv2D`` layers only: a Dense layer
+    applied per position of a longer input is counted once, and other layers
+    (Conv1D/3D, depthwise, separable, transposed, EinsumDense, recurrent) not at all.
+    """
+    flops = 0
+    for layer in keras_compat.sublayers(model):
+        if isinstance(layer, keras.layers.Dense):
+            flops += 2 * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Conv2D):
+            out = layer.output.shape
+            flops += 2 * int(np.prod(layer.kernel.shape)) * int(out[1]) * int(out[2])
+    return flops

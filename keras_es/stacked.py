@@ -35,6 +35,9 @@ CPU (~50x here), so a stacked step is meant to run as a plain ``tf.function``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
@@ -272,6 +275,111 @@ def _dropout(layer, x, layout, n, stats):
     return x * (mask if layout == LEADING else _to_channels(mask, LEADING)), layout
 
 
+class _Context(NamedTuple):
+    """What every layer's stacked form reads: N, each variable's stacked value, the
+    non-trainable values (updated in place by BatchNormalization and dropout) and
+    whether the step trains."""
+
+    n: int
+    weight: Callable
+    stats: dict
+    training: bool
+
+
+def _conv2d(layer, x, layout, ctx):
+    kernel = _stacked_filter(ctx.weight(layer.kernel))
+    # One input (shared): an ordinary convolution with N * O filters; else channels
+    # n * C .. n * C + C - 1 meet filter group n.
+    inputs = x if layout == SHARED else _to_channels(x, layout)
+    # tf.nn.convolution (what Keras calls) rather than tf.nn.conv2d: it computes an
+    # ungrouped dilated convolution through space-to-batch, whose gradient exists on
+    # every CPU (Conv2DBackpropInput with dilation > 1 needs oneDNN).
+    x = tf.nn.convolution(inputs, kernel, strides=layer.strides,
+                          padding=layer.padding.upper(), dilations=layer.dilation_rate)
+    if layer.use_bias:
+        x = x + tf.reshape(ctx.weight(layer.bias), [-1])
+    return _activation(layer.activation, x, CHANNELS, ctx.n)
+
+
+def _per_channel(layer, x, layout, ctx):
+    return _fold(layer.call, x, layout), layout  # any layout but leading as is
+
+
+def _global_pooling(layer, x, layout, ctx):
+    x = _GLOBAL_POOLING[type(layer)](x, axis=[-3, -2], keepdims=layer.keepdims)
+    if layout != CHANNELS:
+        return x, layout
+    # [B, (1, 1,) N * C]: particles to the front.
+    x = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [ctx.n, -1]], 0))
+    rank = x.shape.rank
+    return tf.transpose(x, [rank - 2] + list(range(rank - 2)) + [rank - 1]), LEADING
+
+
+def _batch_norm(layer, x, layout, ctx):
+    return _batch_normalization(layer, x, layout, ctx.n, ctx.training, ctx.weight, ctx.stats)
+
+
+def _dropout_layer(layer, x, layout, ctx):
+    if not ctx.training:
+        return x, layout
+    return _dropout(layer, x, layout, ctx.n, ctx.stats)
+
+
+def _flatten(layer, x, layout, ctx):
+    if layout == CHANNELS:
+        x, layout = _to_leading(x, layout, ctx.n), LEADING
+    if layout == LEADING:
+        return tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0)), layout
+    return tf.reshape(x, [tf.shape(x)[0], -1]), layout
+
+
+def _dense(layer, x, layout, ctx):
+    n = ctx.n
+    if layout == CHANNELS:
+        x, layout = _to_leading(x, layout, n), LEADING
+    kernel = ctx.weight(layer.kernel)  # [N, D, O]
+    rows = x if layout == LEADING else x[None]
+    flat = tf.reshape(rows, tf.stack([tf.shape(rows)[0], -1, tf.shape(rows)[-1]]))
+    y = tf.matmul(flat, kernel)  # [N or 1 (broadcast), rows, D] x [N, D, O]
+    out_shape = tf.concat([[n], tf.shape(x)[:-1] if layout == SHARED
+                           else tf.shape(x)[1:-1], [tf.shape(kernel)[-1]]], 0)
+    x = tf.reshape(y, out_shape)
+    if layer.use_bias:
+        x = x + tf.reshape(ctx.weight(layer.bias),
+                           tf.concat([[n], tf.ones([tf.rank(x) - 2], tf.int32), [-1]], 0))
+    return _activation(layer.activation, x, LEADING, n)
+
+
+def _activation_layer(layer, x, layout, ctx):
+    return _activation(layer.activation, x, layout, ctx.n)
+
+
+def _relu(layer, x, layout, ctx):
+    return layer.call(x), layout  # elementwise whatever its arguments
+
+
+def _input(layer, x, layout, ctx):
+    return x, layout
+
+
+def _stacked_form(layer):
+    """The function computing ``layer`` for every particle (see `unsupported_reason`)."""
+    kind = type(layer)
+    forms = {keras.layers.InputLayer: _input, keras.layers.Conv2D: _conv2d,
+             keras.layers.BatchNormalization: _batch_norm, keras.layers.Flatten: _flatten,
+             keras.layers.Dense: _dense, keras.layers.Activation: _activation_layer,
+             keras.layers.ReLU: _relu}
+    if kind in forms:
+        return forms[kind]
+    if kind in _PER_CHANNEL:
+        return _per_channel
+    if kind in _GLOBAL_POOLING:
+        return _global_pooling
+    if kind in _DROPOUT:
+        return _dropout_layer
+    raise ValueError(f"layer {layer.name} has no stacked form.")  # see unsupported_reason
+
+
 def forward(model: keras.Model, trainable, non_trainable, x, n: int,
             per_particle: bool, training: bool):
     """Every particle's output ``[N, B, ...]`` of ``model`` and its new non-trainable
@@ -279,72 +387,11 @@ def forward(model: keras.Model, trainable, non_trainable, x, n: int,
     (the model's variables, each stacked ``[N, ...]``), on ``x`` shared (``[B, ...]``) or
     per particle (``[N, B, ...]``)."""
     index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-    weight = lambda v: trainable[index[id(v)]]  # noqa: E731
     stats = {id(v): t for v, t in zip(model.non_trainable_variables, non_trainable,
                                       strict=True)}
+    ctx = _Context(n, lambda v: trainable[index[id(v)]], stats, training)
     layout = LEADING if per_particle else SHARED
     for layer in layer_chain(model):
-        kind = type(layer)
-        if kind is keras.layers.InputLayer:
-            continue
-        if kind is keras.layers.Conv2D:
-            kernel = _stacked_filter(weight(layer.kernel))
-            if layout == SHARED:  # one input: an ordinary convolution with N * O filters
-                inputs = x
-            else:  # channels n * C .. n * C + C - 1 meet filter group n
-                inputs = _to_channels(x, layout)
-            # tf.nn.convolution (what Keras calls) rather than tf.nn.conv2d: it computes
-            # an ungrouped dilated convolution through space-to-batch, whose gradient
-            # exists on every CPU (Conv2DBackpropInput with dilation > 1 needs oneDNN).
-            x = tf.nn.convolution(inputs, kernel, strides=layer.strides,
-                                  padding=layer.padding.upper(), dilations=layer.dilation_rate)
-            if layer.use_bias:
-                x = x + tf.reshape(weight(layer.bias), [-1])
-            layout = CHANNELS
-            x, layout = _activation(layer.activation, x, layout, n)
-        elif kind in _PER_CHANNEL:
-            x = _fold(layer.call, x, layout)  # per channel: any layout but leading as is
-        elif kind in _GLOBAL_POOLING:
-            axes = [-3, -2]
-            x = _GLOBAL_POOLING[kind](x, axis=axes, keepdims=layer.keepdims)
-            if layout == CHANNELS:  # [B, (1, 1,) N * C]: particles to the front
-                x = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [n, -1]], 0))
-                x = tf.transpose(x, [x.shape.rank - 2] + list(range(x.shape.rank - 2))
-                                 + [x.shape.rank - 1])
-                layout = LEADING
-        elif kind is keras.layers.BatchNormalization:
-            x, layout = _batch_normalization(layer, x, layout, n, training, weight, stats)
-        elif kind in _DROPOUT:
-            if training:
-                x, layout = _dropout(layer, x, layout, n, stats)
-        elif kind is keras.layers.Flatten:
-            if layout == CHANNELS:
-                x, layout = _to_leading(x, layout, n), LEADING
-            if layout == LEADING:
-                x = tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0))
-            else:
-                x = tf.reshape(x, [tf.shape(x)[0], -1])
-        elif kind is keras.layers.Dense:
-            if layout == CHANNELS:
-                x, layout = _to_leading(x, layout, n), LEADING
-            kernel = weight(layer.kernel)  # [N, D, O]
-            rows = x if layout == LEADING else x[None]
-            flat = tf.reshape(rows, tf.stack([tf.shape(rows)[0], -1, tf.shape(rows)[-1]]))
-            y = tf.matmul(flat, kernel)  # [N or 1 (broadcast), rows, D] x [N, D, O]
-            out_shape = tf.concat([[n], tf.shape(x)[:-1] if layout == SHARED
-                                   else tf.shape(x)[1:-1], [tf.shape(kernel)[-1]]], 0)
-            x = tf.reshape(y, out_shape)
-            layout = LEADING
-            if layer.use_bias:
-                bias = weight(layer.bias)
-                x = x + tf.reshape(bias, tf.concat(
-                    [[n], tf.ones([tf.rank(x) - 2], tf.int32), [-1]], 0))
-            x, layout = _activation(layer.activation, x, layout, n)
-        elif kind is keras.layers.Activation:
-            x, layout = _activation(layer.activation, x, layout, n)
-        elif kind is keras.layers.ReLU:  # elementwise whatever its arguments
-            x = layer.call(x)
-        else:  # guarded by unsupported_reason
-            raise ValueError(f"layer {layer.name} has no stacked form.")
+        x, layout = _stacked_form(layer)(layer, x, layout, ctx)
     new_stats = tuple(stats[id(v)] for v in model.non_trainable_variables)
     return _to_leading(x, layout, n), new_stats
