@@ -18,10 +18,9 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_es import engine, schedules
-from keras_es.transforms import Hyperparameter, Logit, SearchSpace, Transform
+from keras_es.transforms import Hyperparameter, Logit, LogRange, SearchSpace
 
 _SCHEDULES = keras.optimizers.schedules
 # Keras optimizer class -> the particles' update written in keras_es.engine.
@@ -49,36 +48,6 @@ KERAS_NAMES = _POSITIVE + _FRACTION
 # Options of a Keras optimizer that the particles' update does not reproduce.
 _UNSUPPORTED = ("clipnorm", "clipvalue", "global_clipnorm", "gradient_accumulation_steps",
                 "amsgrad")
-
-
-class LogRange(Transform):
-    """``u = logit((log x - log low) / (log high - log low))``: a positive value kept
-    in ``(low, high)`` on a log scale (as keras-tuner's ``Float(sampling="log")``)."""
-
-    name = "log_range"
-
-    def __init__(self, low: float, high: float):
-        if not 0 < low < high:
-            raise ValueError(f"LogRange: expected 0 < low < high, got low={low!r}, "
-                             f"high={high!r}.")
-        super().__init__(low, high)
-        self._logit = Logit(math.log(low), math.log(high))
-
-    def check(self, name, value):
-        super().check(name, value)
-        if not self.low < value < self.high:
-            raise ValueError(f"Hyperparameter {name!r}: value={value!r} is outside its range; "
-                             f"expected {self.low} < value < {self.high}.")
-
-    def encode(self, x):
-        return self._logit.encode(_lib(x).log(x))
-
-    def decode(self, u):
-        return _lib(u).exp(self._logit.decode(u))
-
-
-def _lib(x):
-    return tf.math if isinstance(x, (tf.Tensor, tf.Variable)) else np
 
 
 def parse_tune(tune) -> dict:

@@ -124,6 +124,67 @@ class LogOneMinus(Transform):
         return 1.0 - _lib(u).exp(_clip(u, -_MAX_LOG, _MAX_LOG))
 
 
+class LogRange(Transform):
+    """``u = logit(log(x / low) / log(high / low))``: a positive value kept in
+    ``(low, high)`` on a log scale.
+
+    The position of ``x`` in its range is computed as keras-tuner computes it for
+    ``Float(sampling="log")`` (``keras_tuner.HyperParameter.value_to_prob``), so
+    `keras_es.ESCallback`'s ``tune={"learning_rate": (low, high)}`` and
+    `keras_es.ESOracle`'s ``hp.Float("learning_rate", low, high, sampling="log")``
+    perturb the same theta (docs/traps.md, trap 7).
+
+    Example:
+
+    ```python
+    from keras_es.transforms import LogRange
+
+    rate = LogRange(1e-4, 1e-1)
+    theta = rate.encode(1e-2)          # two thirds of the way in log space: logit(2/3)
+    assert abs(rate.decode(theta) - 1e-2) < 1e-12
+    ```
+    """
+
+    name = "log_range"
+
+    def __init__(self, low: float, high: float):
+        if not 0 < low < high:
+            raise ValueError(f"LogRange: expected 0 < low < high, got low={low!r}, "
+                             f"high={high!r}.")
+        super().__init__(low, high)
+        self._unit = Logit()
+        self._span = math.log(high / low)
+
+    def check(self, name, value):
+        super().check(name, value)
+        if not self.low < value < self.high:
+            raise ValueError(f"Hyperparameter {name!r}: value={value!r} is outside its range; "
+                             f"expected {self.low} < value < {self.high}.")
+
+    def encode(self, x):
+        if isinstance(x, (tf.Tensor, tf.Variable)):
+            position = tf.math.log(x / self.low) / self._span
+        elif np.ndim(x) == 0:
+            # libm's log for one value, as keras-tuner computes it (NumPy's vectorized
+            # log may differ in the last bit).
+            position = math.log(x / self.low) / self._span
+        else:
+            position = np.log(np.asarray(x) / self.low) / self._span
+        return self._unit.encode(position)
+
+    def decode(self, u):
+        position = self._unit.decode(u)
+        ratio = self.high / self.low
+        if isinstance(position, (tf.Tensor, tf.Variable)):
+            value = self.low * tf.pow(tf.cast(ratio, position.dtype), position)
+        elif np.ndim(position) == 0:
+            value = self.low * math.pow(ratio, float(position))
+        else:
+            value = self.low * np.power(ratio, position)
+        # low * ratio ** 1 may round a hair above high.
+        return _clip(value, self.low, self.high)
+
+
 def _clip(u, low, high):
     if isinstance(u, (tf.Tensor, tf.Variable)):
         return tf.clip_by_value(u, low, high)
@@ -131,6 +192,7 @@ def _clip(u, low, high):
 
 
 TRANSFORMS = {t.name: t for t in (Identity, Log, Logit, LogOneMinus)}
+# LogRange needs its range, so it is not built by name: pass LogRange(low, high).
 
 
 def get(transform: str | Transform) -> Transform:
