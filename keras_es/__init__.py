@@ -35,8 +35,8 @@ __version__ = "0.1.0"
 
 # The keras-tuner integration is imported when first used: importing keras_tuner costs
 # ~1.7 s, which a user of ESCallback or MetaTrainer should not pay.
-_LAZY = {"ESOracle": "keras_es.oracle", "ESSearch": "keras_es.oracle",
-         "ESTuner": "keras_es.oracle"}
+_LAZY = {"ESOracle": "keras_es.oracle", "ESSearch": "keras_es.tuner",
+         "ESTuner": "keras_es.tuner"}
 
 # Names the root exported before it was curated, and where they live now.
 _MOVED = {"select": "keras_es.unrolled"}
