@@ -574,13 +574,34 @@ def _check_arguments(estimator, num_particles, horizon, unit, outer_learning_rat
                      settings) -> dict:
     """Refuses bad ESOracle arguments before any work, naming argument and value;
     returns the estimator settings given (not None)."""
+    checks.num_particles(num_particles)
+    if unit not in _UNITS:
+        raise ValueError(f"unit={unit!r} is invalid; expected one of {_UNITS}.")
+    if outer_learning_rate is not None:
+        checks.positive_float("outer_learning_rate", outer_learning_rate)
+    checks.optimizer("outer_optimizer", outer_optimizer)
+    if max_trials is not None:
+        checks.positive_int("max_trials", max_trials)
+    if reassign_after is not None:
+        checks.positive_float("reassign_after", reassign_after)
+    checks.seed(seed, allow_none=True)
+    if per_episode is not None and (isinstance(per_episode, str) or not all(
+            isinstance(n, str) for n in per_episode)):
+        raise ValueError(f"per_episode={per_episode!r} is invalid; expected a list of "
+                         "hyperparameter names or None.")
+    return _check_settings(estimator, horizon, settings)
+
+
+def _check_settings(estimator, horizon, settings: dict) -> dict:
+    """Checks the estimator and its settings (those `keras_es.estimators.resolve` cannot
+    name as ESOracle's arguments); returns the settings given."""
     if not isinstance(estimator, estimators_lib.Estimator) and estimator not in _ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
                          f"{_ESTIMATORS} or a keras_es Estimator.")
-    checks.num_particles(num_particles)
-    if settings["sigma"] is not None:
-        checks.sigma(settings["sigma"])
-    length = settings["truncation_length"]
+    given = {k: v for k, v in settings.items() if v is not None}
+    if "sigma" in given:
+        checks.sigma(given["sigma"])
+    length = given.get("truncation_length")
     if length is not None:
         checks.positive_int("truncation_length", length)
     if horizon is not None:
@@ -593,25 +614,11 @@ def _check_arguments(estimator, num_particles, horizon, unit, outer_learning_rat
     if horizon is not None and estimator != "full_es" and horizon % length:
         raise ValueError(f"horizon={horizon!r} is invalid; expected a multiple of "
                          f"truncation_length={length}.")
-    if unit not in _UNITS:
-        raise ValueError(f"unit={unit!r} is invalid; expected one of {_UNITS}.")
-    if settings["meta_objective"] not in (None, *_META_OBJECTIVES):
-        raise ValueError(f"meta_objective={settings['meta_objective']!r} is invalid; "
+    if given.get("meta_objective", "sum") not in _META_OBJECTIVES:
+        raise ValueError(f"meta_objective={given['meta_objective']!r} is invalid; "
                          f"expected one of {_META_OBJECTIVES}.")
-    if settings["guided"] is not None:
+    if "guided" in given:
         raise ValueError(_GUIDED)
-    if outer_learning_rate is not None:
-        checks.positive_float("outer_learning_rate", outer_learning_rate)
-    checks.optimizer("outer_optimizer", outer_optimizer)
-    for name, value in (("max_trials", max_trials), ("reassign_after", reassign_after)):
-        if value is not None:
-            (checks.positive_int if name == "max_trials" else checks.positive_float)(name, value)
-    checks.seed(seed, allow_none=True)
-    if per_episode is not None and (isinstance(per_episode, str) or not all(
-            isinstance(n, str) for n in per_episode)):
-        raise ValueError(f"per_episode={per_episode!r} is invalid; expected a list of "
-                         "hyperparameter names or None.")
-    given = {k: v for k, v in settings.items() if v is not None}
     if isinstance(estimator, estimators_lib.Estimator):
         # Refuses settings given beside an Estimator (it carries its own).
         estimators_lib.resolve(estimator, horizon=horizon, **given)

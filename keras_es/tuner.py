@@ -267,12 +267,31 @@ class ESSearch(ESTuner):
     Example:
 
     ```python
+    import tempfile
+
+    import keras
+    import numpy as np
+
+    import keras_es
+
+
+    def build_model(hp):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(
+            hp.Float("learning_rate", 1e-3, 0.5, sampling="log", default=0.05)),
+            loss="mse")
+        return model
+
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = x.sum(axis=1)
     tuner = keras_es.ESSearch(
-        build_model, objective="val_loss", max_trials=400, estimator="es_single",
-        num_particles=8, sigma=0.3, truncation_length=20, horizon=200,
-        directory="runs", project_name="es_single")
-    tuner.search(x, y, validation_data=(x_val, y_val), batch_size=64)
-    tuner.results_summary()
+        build_model, objective="val_loss", max_trials=8, estimator="es_single",
+        num_particles=4, sigma=0.3, truncation_length=2, horizon=4, stagger=False,
+        directory=tempfile.mkdtemp(), project_name="es_single")
+    tuner.search(x, y, validation_data=(x, y), batch_size=16, verbose=0)
+    best_hp = tuner.get_best_hyperparameters()[0]    # the learned mean theta, decoded
+    assert len(tuner.oracle.history) == 2            # two rounds, two outer steps
     ```
 
     Args:
