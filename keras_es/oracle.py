@@ -93,13 +93,14 @@ class ESOracle(keras_tuner.Oracle):
             ``search(epochs=...)`` sets it), run one window per trial (`trial_units`).
         num_particles: N, an even number: ``N / 2`` antithetic pairs. A round is N
             trials (fewer during the staggered start).
-        sigma, truncation_length, meta_objective, telescope, stagger,
-            clip_loss_difference, normalize: As in `keras_es.estimators.resolve`, with
-            its defaults (``sigma=0.1``, K = ``truncation_length=10`` steps or epochs
-            per trial, ``meta_objective="sum"``); sigma is in theta units, the logit of
-            a value's position in its range. ``stagger`` spreads the pairs' restarts
-            over the horizon with uncredited burn-in trials at the start. A search
-            resumed without ``sigma`` continues with the saved search's.
+        sigma: Perturbation scale in theta units (the logit of a value's position in
+            its range); default 0.1. A resumed search without it keeps the saved one.
+        truncation_length: K, steps (or epochs) each trial trains; default 10.
+        meta_objective: ``"sum"`` (default) or ``"final"`` (`keras_es.estimators.resolve`).
+        telescope: As in `keras_es.Estimator`.
+        stagger: Spread the pairs' restarts with burn-in trials at the start (default).
+        clip_loss_difference: As in `keras_es.Estimator`.
+        normalize: As in `keras_es.Estimator`.
         horizon: T, steps (or epochs) of one inner problem (one training run); a
             multiple of K. Default None: the training run ``ESTuner.search`` asks for,
             ``epochs`` (default 1, as in ``fit``) times the steps of one epoch of its

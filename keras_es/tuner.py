@@ -297,7 +297,9 @@ class ESSearch(ESTuner):
     Args:
         hypermodel: A `keras_tuner.HyperModel` or a ``build(hp)`` function returning a
             compiled model.
-        objective, max_trials, estimator: As in `ESOracle`.
+        objective: As in `ESOracle`.
+        max_trials: As in `ESOracle`.
+        estimator: As in `ESOracle`.
         **kwargs: Every other `ESOracle` argument, by the same name and with the same
             default (``num_particles``, ``sigma``, ``truncation_length``, ``horizon``,
             ``meta_objective``, ...), and the `ESTuner` / `keras_tuner.Tuner` arguments
