@@ -340,13 +340,25 @@ class Population:
     Example:
 
     ```python
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    import keras_es
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3)])
     space = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 0.05, "log")])
-    population = keras_es.Population(model, num_particles=32, space=space,
+    population = keras_es.Population(model, num_particles=4, space=space,
                                      loss=keras.losses.SparseCategoricalCrossentropy(
                                          from_logits=True),
                                      optimizer=keras_es.engine.SGD("lr", momentum=0.9))
-    state = population.init(keys)            # keys: int32 [32, 2]
-    state, loss = population.train_step(state, theta, x, y)  # theta: [32, 1]
+    keys = tf.random.stateless_uniform([4, 2], seed=[0, 1], maxval=2**31 - 1,
+                                       dtype=tf.int32)
+    state = population.init(keys)                       # 4 particles' weights
+    theta = tf.constant(np.log([[0.01], [0.03], [0.1], [0.3]]), tf.float32)
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, size=32)
+    state, loss = population.train_step(state, theta, x, y)   # loss: [4]
     ```
 
     Args:
