@@ -1,0 +1,83 @@
+"""One configuration, one outer update: the same estimator built through every front
+end (`MetaTrainer`, `ESOracle`, `ESCallback`) makes the same first update on the same
+losses."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_es
+from keras_es.estimators import resolve
+from keras_es.outer import default_outer_optimizer
+from keras_es.transforms import Logit
+
+SETTINGS = {"sigma": 0.2, "truncation_length": 1, "horizon": 4}
+TARGET = 0.7  # the loss is (u - TARGET)^2 of the encoded value u
+
+
+class _Quadratic(keras_es.UnrolledSystem):
+    """Each particle's loss is ``(theta - TARGET)^2``: what the oracle's trials report."""
+
+    def init(self, keys):
+        return tf.zeros([keys.shape[0]])
+
+    def step(self, state, theta, keys):
+        return state, tf.reduce_sum(tf.square(theta - TARGET), -1), None
+
+
+def _oracle_first_update(estimator, tmp_path):
+    import keras_tuner as kt
+
+    space = kt.HyperParameters()
+    space.Float("x", 0.0, 1.0, default=0.3)
+    settings = {"stagger": False, **SETTINGS} if isinstance(estimator, str) else {}
+    oracle = keras_es.ESOracle(objective="val_loss", max_trials=None, num_particles=4,
+                               estimator=estimator, seed=3, hyperparameters=space,
+                               **settings)
+    oracle._set_project_dir(str(tmp_path), "p")
+    encode = Logit(0.0, 1.0).encode
+    while not oracle.history:
+        trial = oracle.create_trial("t")
+        u = float(encode(np.float64(trial.hyperparameters.values["x"])))
+        oracle.update_trial(trial.trial_id, {"val_loss": (u - TARGET) ** 2})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+    return np.asarray(oracle.theta, np.float64), np.asarray(oracle.history[0]["gradient"])
+
+
+@pytest.mark.parametrize("spelling", ["name", "object"])
+def test_meta_trainer_and_oracle_make_the_same_first_update(spelling, tmp_path):
+    estimator = ("es_single" if spelling == "name"
+                 else keras_es.es_single(stagger=False, **SETTINGS))
+    theta0 = float(Logit(0.0, 1.0).encode(np.float64(0.3)))
+    trainer = keras_es.MetaTrainer(
+        _Quadratic(), estimator, [theta0], 4, seed=3,
+        **({"stagger": False, **SETTINGS} if spelling == "name" else {}))
+    logs = trainer.step()
+    theta, gradient = _oracle_first_update(estimator, tmp_path)
+    # The oracle's trials report float64 values decoded from theta and encoded again.
+    np.testing.assert_allclose(np.linalg.norm(gradient), logs["gradient_norm"], rtol=1e-5)
+    np.testing.assert_allclose(theta, trainer.theta_value, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(theta, theta0)  # the update moved theta
+
+
+def test_the_callback_builds_the_same_estimator_and_outer_optimizer():
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    model = keras.Sequential([keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.5), loss="binary_crossentropy")
+    callback = keras_es.ESCallback(["learning_rate", "momentum"], train_data=(x, y),
+                                   estimator="es_single", num_particles=4, sigma=0.2,
+                                   truncation_length=2, horizon=8, seed=3)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
+    trainer = callback.trainer
+    assert trainer.estimator == resolve("es_single", sigma=0.2, truncation_length=2,
+                                        horizon=8)
+    assert trainer.optimizer.get_config() == {
+        **default_outer_optimizer().get_config(), "name": trainer.optimizer.name}
+    # Its updates are MetaTrainer's: theta moved by Adam's first step at most 0.01 a
+    # coordinate, and was updated every window.
+    assert all(h["updated"] for h in callback.window_history)
