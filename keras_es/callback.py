@@ -287,11 +287,16 @@ class ESCallback(keras.callbacks.Callback):
             ``"full_es"``, or an `Estimator` (which carries sigma, K, horizon,
             meta-objective, telescope and guided: leave those unset).
         num_particles: N, even.
-        sigma, truncation_length, horizon, meta_objective, telescope, guided: As in
-            `keras_es.estimators.resolve`; K counts optimizer steps. The horizon
-            defaults to the fit's length (no restarts); a given one staggers restarts.
-            ``guided`` uses the one-step hypergradient as surrogate.
-        batch_size, meta_batch_size: The particles' and the validation batch sizes.
+        sigma: As in `keras_es.estimators.resolve`.
+        truncation_length: K, as in `keras_es.estimators.resolve`, in optimizer steps.
+        horizon: T in optimizer steps; default the fit's length (no restarts); a given
+            one staggers restarts.
+        meta_objective: ``"sum"`` or ``"final"``, as in `keras_es.estimators.resolve`.
+        telescope: As in `keras_es.estimators.resolve`.
+        guided: A `keras_es.GuidedConfig`; the surrogate is the one-step
+            hypergradient.
+        batch_size: The particles' batch size.
+        meta_batch_size: The validation batch size.
         outer_optimizer: Keras optimizer for theta (default
             `keras_es.outer.default_outer_optimizer`); with ``use_ema=True`` the fit
             ends with its moving average of theta.
@@ -307,7 +312,7 @@ class ESCallback(keras.callbacks.Callback):
         execution: ``"auto"``, ``"vectorized"`` or ``"stacked"`` (`keras_es.Population`).
     """
 
-    def __init__(self, tune, optimizer=None, train_data=None, meta_data=None, *,
+    def __init__(self, tune, optimizer=None, train_data=None, meta_data=None, *,  # noqa: PLR0913
                  estimator: str | Estimator = "es_single", num_particles: int = 8,
                  sigma: float | None = None, truncation_length: int | None = None,
                  horizon: int | None = None, meta_objective: str | None = None,

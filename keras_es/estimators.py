@@ -357,7 +357,8 @@ class Estimator:
         """Closes a window: the window-end credit (``objective="final"``) and guards.
 
         Args:
-            state, sums: After the window's last `tell`.
+            state: After the window's last `tell`.
+            sums: The window's `WindowSums`, after its last `tell`.
             meta_losses: With ``objective="final"``: ``(F_+, F_-)`` at the window end.
             finite: Optional bool ``[pairs]``: whether both twins' states are finite; a
                 pair whose state went non-finite unseen (in the last step) restarts.
@@ -438,8 +439,11 @@ def full_es(sigma: float, horizon: int, objective: str = "sum", *, telescope: bo
         sigma: Perturbation scale.
         horizon: T, steps of one inner problem (= one window).
         objective: ``"sum"`` of per-step losses or the ``"final"`` meta-loss.
-        telescope, guided, clip_loss_difference, normalize, clip_outliers: As in
-            `Estimator`.
+        telescope: As in `Estimator`.
+        guided: As in `Estimator`.
+        clip_loss_difference: As in `Estimator`.
+        normalize: As in `Estimator`.
+        clip_outliers: As in `Estimator`.
         **fixed: ``stagger``, ``truncation_length``, ``resample`` and ``accumulate``
             are refused with a clear error: one window is one whole, unstaggered
             episode.
@@ -480,8 +484,13 @@ def truncated_es(sigma: float, truncation_length: int, horizon: int | None = Non
         sigma: Perturbation scale.
         truncation_length: K, steps per window.
         horizon: T, steps per inner problem; None never resets.
-        objective, telescope, stagger, guided, clip_loss_difference, normalize,
-            clip_outliers: As in `Estimator`.
+        objective: ``"sum"`` or ``"final"``, as in `Estimator`.
+        telescope: As in `Estimator`.
+        stagger: As in `Estimator`.
+        guided: As in `Estimator`.
+        clip_loss_difference: As in `Estimator`.
+        normalize: As in `Estimator`.
+        clip_outliers: As in `Estimator`.
 
     Example:
 
@@ -515,8 +524,13 @@ def pes(sigma: float, truncation_length: int, horizon: int | None = None,
         horizon: T, steps per inner problem; None never resets.
         resample_interval: Optional M: ``1`` is per-step PES, ``>= horizon`` is
             ES-Single.
-        objective, telescope, stagger, guided, clip_loss_difference, normalize,
-            clip_outliers: As in `Estimator`.
+        objective: ``"sum"`` or ``"final"``, as in `Estimator`.
+        telescope: As in `Estimator`.
+        stagger: As in `Estimator`.
+        guided: As in `Estimator`.
+        clip_loss_difference: As in `Estimator`.
+        normalize: As in `Estimator`.
+        clip_outliers: As in `Estimator`.
 
     Example:
 
@@ -549,8 +563,13 @@ def es_single(sigma: float, truncation_length: int, horizon: int | None = None,
         sigma: Perturbation scale.
         truncation_length: K, steps per window.
         horizon: T, steps per inner problem; None never resets.
-        objective, telescope, stagger, guided, clip_loss_difference, normalize,
-            clip_outliers: As in `Estimator`.
+        objective: ``"sum"`` or ``"final"``, as in `Estimator`.
+        telescope: As in `Estimator`.
+        stagger: As in `Estimator`.
+        guided: As in `Estimator`.
+        clip_loss_difference: As in `Estimator`.
+        normalize: As in `Estimator`.
+        clip_outliers: As in `Estimator`.
 
     Example:
 
@@ -625,6 +644,12 @@ def resolve(estimator: str | Estimator = "es_single", *, sigma: float | None = N
     common = {"objective": values["meta_objective"], "telescope": values["telescope"],
               "guided": guided, **extra}
     if estimator == "full_es":
+        if truncation_length is not None and horizon is not None \
+                and truncation_length != horizon:
+            raise ValueError(
+                f"truncation_length={truncation_length!r} with estimator='full_es' and "
+                f"horizon={horizon!r} is invalid: a full-unroll window is the whole "
+                "horizon; leave truncation_length unset.")
         return full_es(values["sigma"], horizon=horizon or values["truncation_length"],
                        **common)
     return ESTIMATORS[estimator](values["sigma"], values["truncation_length"],

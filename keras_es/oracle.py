@@ -129,7 +129,7 @@ class ESOracle(keras_tuner.Oracle):
         max_consecutive_failed_trials: As in `keras_tuner.Oracle`.
     """
 
-    def __init__(self, objective=None, max_trials: int | None = None,
+    def __init__(self, objective=None, max_trials: int | None = None,  # noqa: PLR0913
                  estimator: str | estimators_lib.Estimator = "es_single",
                  num_particles: int = 8, sigma: float | None = None,
                  truncation_length: int | None = None, horizon: int | None = None,

@@ -81,3 +81,9 @@ def test_the_callback_builds_the_same_estimator_and_outer_optimizer():
     # Its updates are MetaTrainer's: theta moved by Adam's first step at most 0.01 a
     # coordinate, and was updated every window.
     assert all(h["updated"] for h in callback.window_history)
+
+
+def test_resolve_refuses_a_full_es_window_shorter_than_its_horizon():
+    with pytest.raises(ValueError, match="truncation_length=5 with estimator='full_es'"):
+        resolve("full_es", truncation_length=5, horizon=20)
+    assert resolve("full_es", horizon=20).truncation_length == 20

@@ -63,9 +63,10 @@ class Guard:
 
         Args:
             state: The guard's state.
-            differences, valid: Every pair's credited difference and validity (over
-                all replicas).
-            local_differences, local_valid: This replica's.
+            differences: Every pair's credited difference (over all replicas).
+            valid: Every pair's validity (over all replicas).
+            local_differences: This replica's pairs' differences.
+            local_valid: This replica's pairs' validity.
 
         Returns:
             ``(factor [local pairs], clipped pairs (float32), new scale)``.
