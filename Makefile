@@ -32,7 +32,9 @@ test test-fast: export TF_ENABLE_ONEDNN_OPTS ?= 0
 test: venv
 	$(VPY) -m pytest -q
 
-# The fast tier: everything but end-to-end runs, subprocesses and kills.
+# The fast tier (about 1 minute on 2 cores): unit tests. Tests marked slow (end-to-end
+# fits, statistical runs, examples, subprocesses and kills: anything over ~2 s) run in
+# `make test`, which CI runs.
 test-fast: venv
 	$(VPY) -m pytest -q -m "not slow"
 

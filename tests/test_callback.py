@@ -50,6 +50,7 @@ def _callback(**kwargs):
 X, Y = _data(512, 0)
 
 
+@pytest.mark.slow
 def test_fit_tunes_and_applies_hyperparameters():
     model = _model()
     callback = _callback()
@@ -75,6 +76,7 @@ def test_fit_tunes_and_applies_hyperparameters():
     assert config["num_particles"] == 8 and config["estimator"] == "es_single"
 
 
+@pytest.mark.slow
 def test_guided_es_with_the_one_step_hypergradient_surrogate():
     model = _model()
     callback = _callback(guided=keras_es.GuidedConfig(k=2, alpha=0.5))
@@ -89,6 +91,7 @@ def test_guided_es_with_the_one_step_hypergradient_surrogate():
     assert callback.get_config()["guided"]["k"] == 2
 
 
+@pytest.mark.slow
 def test_the_fitted_model_follows_the_tuned_schedule_at_its_own_step():
     space = keras_es.SearchSpace([keras_es.Hyperparameter("lr0", 0.05, "log"),
                                   keras_es.Hyperparameter("decay", 1.0, "log")])
@@ -112,6 +115,7 @@ def test_the_fitted_model_follows_the_tuned_schedule_at_its_own_step():
         assert lr == pytest.approx(expected, rel=1e-5), step
 
 
+@pytest.mark.slow
 def test_an_averaging_outer_optimizer_ends_the_fit_with_the_average():
     model = _model()
     callback = _callback(outer_optimizer=keras.optimizers.Adam(0.1, use_ema=True,
@@ -143,6 +147,7 @@ class Interrupt(keras.callbacks.Callback):
             raise RuntimeError("interrupted")
 
 
+@pytest.mark.slow
 def test_backup_and_restore_resumes_the_same_theta_trajectory(tmp_path):
     def run(callbacks):
         return _model().fit(X, Y, batch_size=32, epochs=4, shuffle=False, verbose=0,
@@ -164,6 +169,7 @@ def test_backup_and_restore_resumes_the_same_theta_trajectory(tmp_path):
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_works_beside_model_checkpoint_and_early_stopping(tmp_path):
     model = _model()
     callbacks = [_callback(), keras.callbacks.ModelCheckpoint(str(tmp_path / "m.keras")),
@@ -301,6 +307,7 @@ def test_a_kill_between_the_two_epoch_end_saves_resumes_exactly(tmp_path, order)
     np.testing.assert_allclose(got["theta"], callback.trainer.theta_value, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["record", "checkpoint", "both_checkpoints"])
 def test_damaged_or_missing_es_state_is_named_and_never_silently_restarted(tmp_path, damage):
     """A damaged ES save is reported by name and the intact one used (the windows since
@@ -366,6 +373,7 @@ def test_auto_jit_compile_follows_window_count_and_population():
     assert not callback._use_xla(estimator, population(_model()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("convolutions, execution", [(1, "auto"), (2, "auto"),
                                                      (2, "vectorized")])
 def test_fit_of_a_convolutional_model_tunes_on_any_cpu(convolutions, execution):
@@ -395,6 +403,7 @@ def test_fit_of_a_convolutional_model_tunes_on_any_cpu(convolutions, execution):
     assert np.all(np.isfinite(callback.trainer.theta_value))
 
 
+@pytest.mark.slow
 def test_the_guided_surrogate_reads_the_particles_current_weights():
     """The one-step hypergradient pushed before each window is taken at the particles'
     state of that moment, not at the state captured when the window was traced."""
@@ -448,6 +457,7 @@ def _targets(kind, y):
     return y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMPILES))
 def test_keras_compile_calls_as_users_write_them(name):
     settings, activation, kind = COMPILES[name]
@@ -473,6 +483,7 @@ def test_keras_compile_calls_as_users_write_them(name):
     np.testing.assert_allclose(ours, np.sum(theirs), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_steps_per_execution_counts_batches_not_calls():
     model = _model()
     model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.5),
@@ -486,6 +497,7 @@ def test_steps_per_execution_counts_batches_not_calls():
 
 
 # Every level of each, beside a level of the other (the fits are the slow part).
+@pytest.mark.slow
 @pytest.mark.parametrize("verbose, fit_verbose", [(0, 0), (1, 1), (2, 2), (2, "auto"),
                                                   (1, "auto")])
 def test_every_verbose_level(verbose, fit_verbose, capsys):
@@ -504,6 +516,7 @@ def _generator():
             yield X[i:i + 32], Y[i:i + 32]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["arrays", "dataset", "generator"])
 def test_fit_on_arrays_datasets_and_generators(source):
     model = _model()
@@ -555,6 +568,7 @@ def test_arguments_that_would_train_wrongly_are_refused(tmp_path):
         model.fit(X[:128], Y[:128], batch_size=32, verbose=0, callbacks=[_callback()])
 
 
+@pytest.mark.slow
 def test_a_second_fit_with_the_same_callback_is_refused_clearly():
     model = _model()
     callback = _callback()
@@ -565,6 +579,7 @@ def test_a_second_fit_with_the_same_callback_is_refused_clearly():
     np.testing.assert_array_equal(callback.trainer.theta_value, theta)  # untouched
 
 
+@pytest.mark.slow
 def test_tuned_momentum_reaches_the_model_without_retracing_its_step():
     """Momentum is read by the traced train step from a variable: the step is traced
     once per fit (each new trace kept memory alive: +55 MiB per 100 epochs), and the
@@ -603,6 +618,7 @@ def test_data_that_does_not_fit_the_model_is_named_at_train_begin(data, name, ma
     assert callback.trainer is None  # before any window
 
 
+@pytest.mark.slow
 def test_an_endless_generator_as_train_data_is_refused(monkeypatch):
     from keras_es import keras_system
 
@@ -619,6 +635,7 @@ def test_an_endless_generator_as_train_data_is_refused(monkeypatch):
                      callbacks=[_callback(train_data=data)])
 
 
+@pytest.mark.slow
 def test_a_diverging_learning_rate_is_tuned_down_not_frozen():
     """Particles started at a diverging learning rate report inf, NaN and huge losses:
     every window with a valid pair still updates theta (it froze before), and the rate
@@ -638,6 +655,7 @@ def test_a_diverging_learning_rate_is_tuned_down_not_frozen():
     assert callback.values["lr"] < 100.0 * 0.7
 
 
+@pytest.mark.slow
 def test_fuzz_the_callback_with_poisoned_rows():
     """The particles' data holds poisoned rows whose loss is inf, NaN or 1e30 times the
     error (both twins of a pair see the same rows): theta stays finite, every window

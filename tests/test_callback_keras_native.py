@@ -49,6 +49,7 @@ def _fit(model, callback, epochs=3, extra=()):
                      callbacks=[callback, *extra])
 
 
+@pytest.mark.slow
 def test_sgd_learning_rate_and_momentum_by_keras_names_without_naming_the_optimizer():
     model = _model(keras.optimizers.SGD(1e-3, momentum=0.5))
     callback = _callback(["learning_rate", "momentum"])
@@ -82,6 +83,7 @@ def test_sgd_learning_rate_and_momentum_by_keras_names_without_naming_the_optimi
         "learning_rate": None, "momentum": None}
 
 
+@pytest.mark.slow
 def test_keras_names_and_the_advanced_form_follow_the_same_trajectory():
     """The Keras-native form is the advanced form with the compiled values as start."""
     native = _callback(["learning_rate", "momentum"])
@@ -97,6 +99,7 @@ def test_keras_names_and_the_advanced_form_follow_the_same_trajectory():
         native.values["momentum"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_range_keeps_the_value_inside_it_and_a_start_value_replaces_the_compiled_one():
     model = _model(keras.optimizers.SGD(1e-3, momentum=0.5))
     callback = _callback({"learning_rate": (1e-4, 2e-3), "momentum": 0.8})
@@ -110,6 +113,7 @@ def test_a_range_keeps_the_value_inside_it_and_a_start_value_replaces_the_compil
     assert callback.get_config()["tune"]["learning_rate"] == [1e-4, 2e-3]
 
 
+@pytest.mark.slow
 def test_a_compiled_exponential_decay_is_followed_and_its_arguments_tuned():
     schedule = SCHEDULES.ExponentialDecay(0.02, decay_steps=20, decay_rate=0.5)
     model = _model(keras.optimizers.SGD(schedule, momentum=0.5))
@@ -139,6 +143,7 @@ def test_a_compiled_exponential_decay_is_followed_and_its_arguments_tuned():
     assert np.isfinite(plain.fit(X, Y, batch_size=32, verbose=0).history["loss"][-1])
 
 
+@pytest.mark.slow
 def test_a_compiled_keras_es_schedule_and_adam_on_a_dataset():
     schedule = keras_es.schedules.InverseTimeDecay(0.01, decay_steps=10.0, power=1.0)
     model = _model(keras.optimizers.Adam(schedule))
@@ -158,6 +163,7 @@ def test_a_compiled_keras_es_schedule_and_adam_on_a_dataset():
     assert optimizer.get_config()["beta_1"] == pytest.approx(callback.values["beta_1"])
 
 
+@pytest.mark.slow
 def test_adamw_weight_decay_starts_from_the_compiled_value():
     model = _model(keras.optimizers.AdamW(1e-3, weight_decay=0.01))
     callback = _callback(["weight_decay"])
@@ -167,6 +173,7 @@ def test_adamw_weight_decay_starts_from_the_compiled_value():
     assert type(callback.tuned_optimizer()) is keras.optimizers.AdamW
 
 
+@pytest.mark.slow
 def test_estimator_settings_go_through_the_shared_resolve():
     given = _callback(["learning_rate"], estimator="pes", truncation_length=4, horizon=8,
                       meta_objective="final", sigma=0.2)
@@ -259,6 +266,7 @@ def test_a_schedule_with_hyperparameter_names_is_substituted_before_keras_uses_i
                                   "power": 2.0}
 
 
+@pytest.mark.slow
 def test_backup_and_restore_resumes_a_keras_native_fit(tmp_path):
     """Keras's backup restores the optimizer (its learning rate variable too) before
     the callback reads it; the ES state saved beside it resumes the same trajectory."""

@@ -87,6 +87,7 @@ def _examples():
 EXAMPLES = _examples()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, code", EXAMPLES)
 def test_docstring_example_runs(name, code):
     exec(compile(code, f"<docstring example of {name}>", "exec"), {"__name__": "__main__"})

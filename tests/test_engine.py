@@ -75,6 +75,7 @@ TRANSFORMS = {"lr": "log", "momentum": "logit", "wd": "log", "l2": "log", "beta_
               "beta_2": "log_one_minus"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_keras_optimizer(name):
     keras_optimizer, engine_optimizer, values, *model_kwargs = CASES[name]
@@ -190,6 +191,7 @@ def _classification_data(n, seed):
     return x, np.argmax(x @ w + 0.3 * rng.normal(size=(n, 3)), axis=1)
 
 
+@pytest.mark.slow
 def test_meta_training_a_learning_rate_lowers_the_meta_loss():
     """es_single on a KerasSystem raises a far too small learning rate; the meta-loss
     (the summed training loss of the staggered particles' windows) falls."""
@@ -262,6 +264,7 @@ def test_layer_hyperparameters_widths_and_dropout_rates_per_particle():
                             layer_hyperparameters={"*nothing*": "units"})
 
 
+@pytest.mark.slow
 def test_population_checkpoint_resume_reproduces_meta_training(tmp_path):
     """The whole population (weights, BatchNorm statistics, momentum, step counters,
     dropout seeds) and the estimator state round-trip through a checkpoint."""

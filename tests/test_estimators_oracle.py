@@ -39,6 +39,7 @@ PARAMS = ([(name, objective) for name in sorted(CASES) for objective in ("sum", 
           + [(name, "final_at_episode_end") for name in sorted(CASES) if name != "full_es"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, objective", PARAMS)
 def test_unbiased_against_exact_gradient(name, objective, oracle_system):
     if objective == "final_at_episode_end":

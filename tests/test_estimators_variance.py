@@ -47,6 +47,7 @@ def es_single_totals(system_and_gradients):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 4, 16])
 def test_es_single_variance_is_p_plus_one_norm_squared(k, es_single_totals,
                                                        system_and_gradients):
@@ -76,6 +77,7 @@ def pes_variances(system_and_gradients):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 4, 16])
 def test_pes_variance_matches_closed_form(k, pes_variances):
     variance, se, theory = pes_variances[k]

@@ -16,6 +16,7 @@ def example(load_example):
     return load_example("guided_es_quadratic")
 
 
+@pytest.mark.slow
 def test_small_run_schema_plot_and_ordering(example, tmp_path):
     out = tmp_path / "gq.json"
     result = example.main(["--iterations", "500", "--seed", "0", "--out", str(out)])

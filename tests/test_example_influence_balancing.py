@@ -12,6 +12,7 @@ def example(load_example):
     return load_example("influence_balancing")
 
 
+@pytest.mark.slow
 def test_small_run_schema_and_directions(example, tmp_path):
     out = tmp_path / "ib.json"
     result = example.main(["--steps", "400", "--num-particles", "200", "--out", str(out)])

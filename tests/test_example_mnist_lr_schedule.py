@@ -49,6 +49,7 @@ def test_quick_run_learns_a_schedule_near_the_grid_best(example, tmp_path):
     assert written["diverged_pairs"] >= 0
 
 
+@pytest.mark.slow
 def test_real_tfds_path_with_mock_data(example, tmp_path):
     out = tmp_path / "mnist.json"
     with tfds.testing.mock_data(num_examples=64):

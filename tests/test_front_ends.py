@@ -64,6 +64,7 @@ def test_meta_trainer_and_oracle_make_the_same_first_update(spelling, tmp_path):
     assert not np.allclose(theta, theta0)  # the update moved theta
 
 
+@pytest.mark.slow
 def test_the_callback_builds_the_same_estimator_and_outer_optimizer():
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     y = (x[:, :1] > 0).astype("float32")

@@ -186,6 +186,7 @@ def test_update_is_the_estimator_cores(tmp_oracle):
     assert oracle.history[0]["valid_pairs"] == 2
 
 
+@pytest.mark.slow
 def test_search_descends_and_holds_architecture_within_episodes(tmp_oracle):
     oracle = tmp_oracle(estimator="pes", outer_learning_rate=0.1)
     start = _quadratic({"lr": 0.01, "dropout": 0.25})
@@ -263,6 +264,7 @@ class _Probe(kt.HyperModel):
         return {**{k: v[-1] for k, v in history.history.items()}, **start}
 
 
+@pytest.mark.slow
 def test_trials_continue_particles_with_their_optimizer_state(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 3)).astype("float32")
@@ -287,6 +289,7 @@ def test_trials_continue_particles_with_their_optimizer_state(tmp_path):
     assert len(models) == 1 and models[0].optimizer.iterations.numpy() > 0
 
 
+@pytest.mark.slow
 def test_results_summary_reads_well(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 3)).astype("float32")
@@ -587,6 +590,7 @@ class _TunesFit(_Probe):
         return super().fit(hp, model, *args, shuffle=hp.Boolean("shuffle"), **kwargs)
 
 
+@pytest.mark.slow
 def test_hyperparameters_declared_after_the_start_are_named_not_silently_frozen(
         tmp_path, capsys):
     rng = np.random.default_rng(0)

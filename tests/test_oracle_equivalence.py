@@ -131,6 +131,7 @@ def _assert_same_history(oracle, expected):
     np.testing.assert_allclose(oracle.theta, expected["theta"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_scripted_searches_match_the_recorded_histories(name, tmp_path):
     keras.utils.set_random_seed(0)

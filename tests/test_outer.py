@@ -32,6 +32,7 @@ def test_influence_balancing_direction(system, name, direction):
     assert np.sign(moved) == direction and abs(moved) > 0.01, moved
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_reproduces_trajectory(system, tmp_path):
     def build():
         return keras_es.MetaTrainer(
@@ -83,6 +84,7 @@ def test_step_is_traced_once(system):
     assert trainer._step_fn.experimental_get_tracing_count() == 1
 
 
+@pytest.mark.slow
 def test_xla_matches_graph_mode():
     """The whole outer step compiles under XLA and follows the same trajectory."""
     from keras_es import testing
@@ -100,6 +102,7 @@ def test_xla_matches_graph_mode():
     np.testing.assert_allclose(run(True), run(False), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_keys_keep_static_shape_across_population_sizes():
     """Systems may size their state from keys.shape[0], whatever trainers came before."""
 
@@ -129,6 +132,7 @@ def test_long_theta_is_logged_by_norm(system):
     assert "theta_0" not in logs and logs["theta_norm"] > 0
 
 
+@pytest.mark.slow
 def test_every_front_end_spelling_of_the_estimator_builds_the_same_trainer():
     """MetaTrainer takes the estimator as every front end does: an Estimator, or a name
     with resolve()'s settings; optimizer= is the old name of outer_optimizer=."""

@@ -424,6 +424,7 @@ def _fuzzed_oracle_search(directory, outlier_rate):
     return oracle
 
 
+@pytest.mark.slow
 def test_fuzz_the_oracle_with_non_finite_and_huge_losses(tmp_path):
     # About one round in four has an outlier.
     oracle = _fuzzed_oracle_search(tmp_path / "fuzzed", 0.04)

@@ -127,6 +127,7 @@ def test_dilated_strided_cnn_population_matches_keras_on_any_cpu():
     _assert_population_matches_keras_sgd(model, batches, 0.05, jit_compile=False)
 
 
+@pytest.mark.slow
 def test_the_engine_pages_execution_example_runs_as_written():
     """docs/engine.md's convolutional example, verbatim, on whatever CPU this is."""
     import pathlib
