@@ -363,7 +363,13 @@ class ESCallback(keras.callbacks.Callback):
             return resolve(self.estimator, horizon=self.horizon,
                            **{k: v for k, v in self._settings.items() if v is not None})
         options = {} if self.estimator == "full_es" else {"stagger": self.horizon is not None}
-        return resolve(self.estimator, horizon=horizon, **self._settings, **options)
+        try:
+            return resolve(self.estimator, horizon=horizon, **self._settings, **options)
+        except ValueError as error:
+            if self.horizon is None and horizon is not None:
+                raise ValueError(f"{error} (horizon={horizon} is the fit's length, the "
+                                 "default when no horizon is given)") from None
+            raise
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, logs=None):

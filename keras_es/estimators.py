@@ -628,17 +628,9 @@ def resolve(estimator: str | Estimator = "es_single", *, sigma: float | None = N
     settings = {"sigma": sigma, "truncation_length": truncation_length,
                 "meta_objective": meta_objective, "telescope": telescope, "guided": guided,
                 "horizon": horizon, **options}
+    _check_settings(estimator, settings)
     if isinstance(estimator, Estimator):
-        given = sorted(k for k, v in settings.items() if v is not None)
-        if given:
-            raise ValueError(
-                f"estimator={estimator.name!r} is an Estimator, which carries its own "
-                f"settings, but {given} were given too; pass them to its factory instead "
-                f"(e.g. keras_es.{estimator.name}(sigma=...)).")
         return estimator
-    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
-                         f"{sorted(ESTIMATORS)} or a keras_es Estimator.")
     values = {k: (DEFAULTS[k] if settings.get(k) is None else settings[k]) for k in DEFAULTS}
     extra = {k: v for k, v in options.items() if v is not None}
     common = {"objective": values["meta_objective"], "telescope": values["telescope"],
@@ -657,6 +649,42 @@ def resolve(estimator: str | Estimator = "es_single", *, sigma: float | None = N
 
 
 # ---------------------------------------------------------------------- helpers
+# What `resolve` passes on to the factories besides its named settings.
+_OPTIONS = ("stagger", "clip_loss_difference", "normalize", "clip_outliers",
+            "resample_interval")
+
+
+def _check_settings(estimator, settings: dict) -> None:
+    """`resolve`'s checks: each named for what the user typed."""
+    if isinstance(estimator, Estimator):
+        given = sorted(k for k, v in settings.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"estimator={estimator.name!r} is an Estimator, which carries its own "
+                f"settings, but {given} were given too; pass them to its factory instead "
+                f"(e.g. keras_es.{estimator.name}({given[0]}=...)).")
+        return
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is invalid; expected one of "
+                         f"{sorted(ESTIMATORS)} or a keras_es Estimator.")
+    unknown = sorted(set(settings) - set(_OPTIONS) - {
+        "sigma", "truncation_length", "meta_objective", "telescope", "guided", "horizon"})
+    if "objective" in unknown:
+        raise ValueError(
+            f"objective={settings['objective']!r} is not a setting here; the estimator's "
+            "objective is meta_objective= ('sum' or 'final') in every keras_es front end.")
+    if unknown:
+        raise ValueError(f"{unknown} are not estimator settings; expected some of sigma, "
+                         f"truncation_length, horizon, meta_objective, telescope, guided, "
+                         f"{', '.join(_OPTIONS)}.")
+    meta = settings.get("meta_objective")
+    if meta is not None and meta not in _OBJECTIVES:
+        raise ValueError(f"meta_objective={meta!r} is invalid; expected one of {_OBJECTIVES}.")
+    if settings.get("resample_interval") is not None and estimator != "pes":
+        raise ValueError(f"resample_interval={settings['resample_interval']!r} is a setting "
+                         f"of 'pes'; estimator={estimator!r} has none.")
+
+
 def _check_fields(est: Estimator) -> None:
     checks.sigma(est.sigma)
     for flag in ("stagger", "normalize", "telescope"):

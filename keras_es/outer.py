@@ -395,8 +395,9 @@ def _check_arguments(system, estimator, num_particles, outer_optimizer, seed, su
         raise ValueError("surrogate was given but estimator.guided is None; build the "
                          "estimator with guided=keras_es.GuidedConfig(...).")
     if estimator.objective == "final" and type(system).meta_loss is UnrolledSystem.meta_loss:
-        raise ValueError(f"objective='final' needs {type(system).__name__}.meta_loss(); "
-                         "implement it or use objective='sum'.")
+        raise ValueError(f"The estimator's objective 'final' (meta_objective='final') "
+                         f"needs {type(system).__name__}.meta_loss(); implement it or use "
+                         "'sum'.")
     strategy = distribute_lib.check_strategy(strategy, num_particles)
     if surrogate is not None and _takes_state(surrogate) and strategy.num_replicas_in_sync > 1:
         raise ValueError(

@@ -88,3 +88,17 @@ def test_resolve_refuses_a_full_es_window_shorter_than_its_horizon():
     with pytest.raises(ValueError, match="truncation_length=5 with estimator='full_es'"):
         resolve("full_es", truncation_length=5, horizon=20)
     assert resolve("full_es", horizon=20).truncation_length == 20
+
+
+def test_resolve_names_what_the_user_typed():
+    with pytest.raises(ValueError, match="the estimator's objective is meta_objective="):
+        resolve("es_single", objective="final")
+    with pytest.raises(ValueError, match="meta_objective='finale' is invalid"):
+        resolve("es_single", meta_objective="finale")
+    with pytest.raises(ValueError, match=r"\['sigmaa'\] are not estimator settings"):
+        resolve("es_single", sigmaa=0.1)
+    with pytest.raises(ValueError, match=r"keras_es.pes\(truncation_length=...\)"):
+        resolve(keras_es.pes(0.1, 5), truncation_length=3)
+    with pytest.raises(ValueError, match="meta_objective="):
+        keras_es.MetaTrainer(_Quadratic(), "es_single", [0.5], 4, meta_objective="sum",
+                             objective="final")
