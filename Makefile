@@ -41,8 +41,8 @@ test-fast: venv
 # The particle engine's tests again with oneDNN on, where the stacked (grouped
 # convolution) execution runs on a CPU.
 test-onednn: venv
-	TF_ENABLE_ONEDNN_OPTS=1 $(VPY) -m pytest -q tests/test_engine.py tests/test_stacked.py \
-		tests/test_vectorize.py "tests/test_callback.py::test_fit_of_a_convolutional_model_tunes_on_any_cpu"
+	TF_ENABLE_ONEDNN_OPTS=1 $(VPY) -m pytest -q tests/engine \
+		"tests/callback/test_callback.py::test_fit_of_a_convolutional_model_tunes_on_any_cpu"
 
 lint: venv
 	$(VENV)/bin/ruff check keras_es tests examples benchmarks

@@ -15,6 +15,7 @@ import importlib.util
 
 from keras_es.callback import ESCallback
 from keras_es.engine import Population, PopulationState
+from keras_es.engine.keras_system import KerasSystem
 from keras_es.estimators import (
     ESTIMATORS,
     Estimator,
@@ -26,7 +27,6 @@ from keras_es.estimators import (
     pes,
     truncated_es,
 )
-from keras_es.keras_system import KerasSystem
 from keras_es.outer import MetaTrainer
 from keras_es.transforms import Hyperparameter, SearchSpace
 from keras_es.unrolled import UnrolledSystem
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 
 # The keras-tuner integration is imported when first used: importing keras_tuner costs
 # ~1.7 s, which a user of ESCallback or MetaTrainer should not pay.
-_LAZY = {"ESOracle": "keras_es.oracle", "ESSearch": "keras_es.tuner",
+_LAZY = {"ESOracle": "keras_es.tuner", "ESSearch": "keras_es.tuner",
          "ESTuner": "keras_es.tuner"}
 
 # Names the root exported before it was curated, and where they live now.

@@ -18,8 +18,8 @@ def require_stacked_kernels(model) -> None:
     """Skips the calling test where this device has no gradient kernels for the
     grouped convolutions of ``model``'s stacked form (CPUs without oneDNN). What such
     a device does instead (fall back, or refuse ``execution="stacked"``) is tested in
-    tests/test_stacked.py; CI runs the stacked tests again with oneDNN on."""
-    from keras_es import stacked
+    tests/engine/test_stacked.py; CI runs the stacked tests again with oneDNN on."""
+    from keras_es.engine import stacked
 
     reason = stacked.missing_kernel(model)
     if reason:

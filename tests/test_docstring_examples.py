@@ -23,7 +23,7 @@ PENDING: set[str] = set()
 
 # Examples that train for seconds: the statistical tier, not the fast one.
 SLOW = {
-    "keras_es.keras_system.KerasSystem",
+    "keras_es.engine.keras_system.KerasSystem",
 }
 
 _FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

@@ -166,7 +166,7 @@ def test_optimizer_strategy_is_the_one_current_at_creation():
 def test_convolution_method_replaces_how_one_layer_convolves():
     method = keras_compat.CONVOLUTION_METHOD
     assert callable(getattr(keras.layers.Conv2D, method, None)), (
-        f"keras.layers.Conv2D.{method} moved: keras_es.vectorize replaces it")
+        f"keras.layers.Conv2D.{method} moved: keras_es.engine.vectorize replaces it")
     layer = keras.layers.Conv2D(2, 3, use_bias=False)
     other = keras.layers.Conv2D(2, 3, use_bias=False)
     x = np.ones((1, 5, 5, 1), np.float32)

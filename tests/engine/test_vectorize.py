@@ -9,7 +9,7 @@ import tensorflow as tf
 from conftest import require_stacked_kernels
 
 import keras_es
-from keras_es import vectorize
+from keras_es.engine import vectorize
 
 
 @pytest.mark.parametrize("kernel, strides, padding, dilation", [

@@ -10,10 +10,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import backup as backup_lib
-from keras_es import checks, distribute, engine, keras_compat, keras_optimizers, noise, schedules
+from keras_es import checks, distribute, engine, keras_compat, noise, schedules
+from keras_es.callback import backup as backup_lib
+from keras_es.callback import keras_optimizers
+from keras_es.engine.keras_system import KerasSystem, as_tensors
 from keras_es.estimators import DEFAULTS, Estimator, GuidedConfig, resolve
-from keras_es.keras_system import KerasSystem, as_tensors
 from keras_es.outer import MetaTrainer, default_outer_optimizer
 from keras_es.transforms import SearchSpace
 

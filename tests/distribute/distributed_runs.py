@@ -1,10 +1,10 @@
 """Runs small MetaTrainer trajectories under tf.distribute strategies, in a process of
 its own (logical devices must be configured before TensorFlow initializes).
 
-Used by tests/test_distribute.py:
+Used by tests/distribute/test_distribute.py:
 
-    python tests/distributed_runs.py mirrored --devices 4 --out result.json
-    python tests/distributed_runs.py worker --out result.json   # with TF_CONFIG set
+    python tests/distribute/distributed_runs.py mirrored --devices 4 --out result.json
+    python tests/distribute/distributed_runs.py worker --out result.json   # with TF_CONFIG set
 
 Prints nothing; writes ``{run name: {"theta": [[...] per step], ...}}`` as JSON.
 """
@@ -94,7 +94,7 @@ def cnn_trainer(strategy):
             model, 8, space, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             keras_es.engine.SGD("lr", momentum=0.5))
         # Stacked where the device has grouped-convolution gradients (oneDNN on a CPU).
-        assert population.stacked == (keras_es.stacked.missing_kernel(model) is None)
+        assert population.stacked == (keras_es.engine.stacked.missing_kernel(model) is None)
         system = keras_es.KerasSystem(population, (x[:48], y[:48]), (x[48:], y[48:]),
                                       batch_size=8, step_loss="meta")
         optimizer = keras.optimizers.Adam(0.1)

@@ -11,7 +11,9 @@ import tensorflow as tf
 from conftest import require_stacked_kernels
 
 import keras_es
-from keras_es import engine, stacked
+from keras_es import engine
+from keras_es.engine import population as population_module
+from keras_es.engine import stacked
 
 L = keras.layers
 N = 4
@@ -149,7 +151,7 @@ def test_devices_without_grouped_convolution_gradients_fall_back(monkeypatch):
             if input_gradient else None
 
     monkeypatch.setattr(stacked, "_probe", no_grouped_gradients)
-    monkeypatch.setattr(engine, "_WARNED", set())
+    monkeypatch.setattr(population_module, "_WARNED", set())
     reason = stacked.missing_kernel(two_convs)
     assert "layer second" in reason and "grouped" in reason
 

@@ -12,10 +12,10 @@ reported values (`keras_es.Estimator`'s ask/tell, one window per trial: the same
 counter-based noise, the same ``1 / (2 sigma^2)`` pair convention, the same
 telescoping and non-finite guards) and updates ``theta`` with the one outer-update rule
 of every front end; a particle's training run (its inner problem) restarts from fresh
-weights after the horizon T. The search's state machine is `keras_es.search_state`;
+weights after the horizon T. The search's state machine is `keras_es.tuner.search_state`;
 this module is its keras-tuner adaptor.
 
-Hyperparameters map to theta through `keras_es.kt_space`: a ``Float`` range through
+Hyperparameters map to theta through `keras_es.tuner.kt_space`: a ``Float`` range through
 `keras_es.transforms.Logit` or `keras_es.transforms.LogRange` (the transforms
 `keras_es.ESCallback` uses for ranges), ``Int``, ``reverse_log`` and ``step`` through
 keras-tuner's own continuous relaxation, ``Choice`` and ``Boolean`` as a categorical
@@ -45,10 +45,11 @@ import keras_tuner
 import numpy as np
 from keras_tuner.engine import trial as trial_module
 
-from keras_es import checks, kt_compat, kt_space
+from keras_es import checks
 from keras_es import estimators as estimators_lib
 from keras_es.outer import default_outer_optimizer
-from keras_es.search_state import PREFIX, SearchState, check, first_update_trials, upgrade
+from keras_es.tuner import kt_compat, kt_space
+from keras_es.tuner.search_state import PREFIX, SearchState, check, first_update_trials, upgrade
 
 _ESTIMATORS = tuple(estimators_lib.ESTIMATORS)
 _UNITS = ("steps", "epochs")
@@ -213,7 +214,7 @@ class ESOracle(keras_tuner.Oracle):
 
     @property
     def search_state(self) -> SearchState | None:
-        """The search's state machine (`keras_es.search_state.SearchState`), or None
+        """The search's state machine (`keras_es.tuner.search_state.SearchState`), or None
         before the first trial."""
         return self._search
 
@@ -242,7 +243,7 @@ class ESOracle(keras_tuner.Oracle):
         """What ESTuner needs to run trial ``trial_id`` (kept out of its values):
         ``particle``, ``round``, ``episode``, ``window``, the checkpoints to read, write
         and delete, the initialization and data seeds, ``truncation_length`` and
-        ``unit`` (`keras_es.search_state.SearchState.trial_metadata`); None for a trial
+        ``unit`` (`keras_es.tuner.search_state.SearchState.trial_metadata`); None for a trial
         ESOracle did not plan."""
         if self._search is None:
             return None
@@ -362,7 +363,7 @@ class ESOracle(keras_tuner.Oracle):
 
     def _decode(self, theta, gumbel=None) -> dict:
         """theta -> plain Python values of the hyperparameters active for these values
-        (`keras_es.kt_space`; ``gumbel`` draws each Choice and Boolean)."""
+        (`keras_es.tuner.kt_space`; ``gumbel`` draws each Choice and Boolean)."""
         decoded = kt_space.KerasTunerSpace(self._tuned()).decode(theta, gumbel)
         return kt_space.active_values(self.hyperparameters, decoded)
 
@@ -547,7 +548,7 @@ def trial_units(estimator: estimators_lib.Estimator) -> estimators_lib.Estimator
 
     ```python
     import keras_es
-    from keras_es.oracle import trial_units
+    from keras_es.tuner.oracle import trial_units
 
     est = trial_units(keras_es.pes(0.1, truncation_length=20, horizon=200))
     assert (est.truncation_length, est.horizon) == (1, 10)
@@ -627,7 +628,7 @@ def _check_settings(estimator, horizon, settings: dict) -> dict:
 
 
 def __getattr__(name):
-    # ESTuner and ESSearch live in keras_es.tuner (which imports this module).
+    # ESTuner and ESSearch live in keras_es.tuner.tuners (which imports this module).
     if name in ("ESTuner", "ESSearch"):
-        return getattr(importlib.import_module("keras_es.tuner"), name)
+        return getattr(importlib.import_module("keras_es.tuner.tuners"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,7 +47,7 @@ def transform(hp) -> Transform | None:
 
     ```python
     import keras_tuner as kt
-    from keras_es import kt_space
+    from keras_es.tuner import kt_space
     from keras_es.transforms import LogRange
 
     hp = kt.HyperParameters()
@@ -112,7 +112,7 @@ class KerasTunerSpace:
 
     ```python
     import keras_tuner as kt
-    from keras_es.kt_space import KerasTunerSpace
+    from keras_es.tuner.kt_space import KerasTunerSpace
 
     hp = kt.HyperParameters()
     hp.Float("lr", 1e-4, 1e-1, sampling="log", default=1e-2)

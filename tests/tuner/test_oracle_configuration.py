@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import keras_es
-from keras_es import keras_optimizers, kt_space
-from keras_es.oracle import trial_units
+from keras_es.callback import keras_optimizers
 from keras_es.transforms import Logit, LogRange
+from keras_es.tuner import kt_space
+from keras_es.tuner.oracle import trial_units
 
 
 def _space():

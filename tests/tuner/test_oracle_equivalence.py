@@ -22,7 +22,7 @@ import pytest
 
 import keras_es
 
-DATA = pathlib.Path(__file__).resolve().parent / "data" / "oracle_v0_2"
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "oracle_v0_2"
 EXPECTED = json.loads((DATA / "expected.json").read_text())
 
 

@@ -1,4 +1,4 @@
-"""The keras-tuner internals keras_es reads exist where keras_es.kt_compat expects them.
+"""The keras-tuner internals keras_es reads exist where keras_es.tuner.kt_compat expects them.
 
 If a keras-tuner release moves one, these fail first, naming the attribute."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import keras_tuner as kt
 
-from keras_es import kt_compat
+from keras_es.tuner import kt_compat
 
 
 def _oracle(tmp_path):

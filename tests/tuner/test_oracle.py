@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import keras_es
 from keras_es import noise
-from keras_es.oracle import PREFIX
+from keras_es.tuner.oracle import PREFIX
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "oracle_search_script.py")
@@ -310,7 +310,7 @@ def test_results_summary_reads_well(tmp_path, capsys):
 def _run(directory, *flags, env=None, wait=True):
     log = open(os.path.join(directory, f"log_{time.monotonic_ns()}.txt"), "w")
     proc = subprocess.Popen([sys.executable, SCRIPT, "--directory", directory, *flags],
-                            env={**os.environ, "PYTHONPATH": os.path.dirname(HERE),
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(HERE)),
                                  "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
                             stdout=log, stderr=subprocess.STDOUT)
     proc.log = log.name
@@ -410,7 +410,7 @@ def test_window_with_waiting_pairs_and_perturbed_theta():
 
 def test_tuner_backs_off_while_the_oracle_is_idle(tmp_path, monkeypatch):
     slept = []
-    monkeypatch.setattr(keras_es.oracle.time, "sleep", slept.append)
+    monkeypatch.setattr(keras_es.tuner.oracle.time, "sleep", slept.append)
     tuner = keras_es.ESTuner(_oracle(), _Probe(), idle_sleep=0.1, max_idle_sleep=0.3,
                              directory=str(tmp_path), project_name="p")
     for _ in range(4):  # four create_trial calls in a row, none started a trial (IDLE)

@@ -1,7 +1,7 @@
 """The keras-tuner internals keras_es relies on, in one place.
 
 keras-tuner has no public way to ask these things; each helper below reads one private
-attribute, and ``tests/test_kt_compat.py`` fails loudly (naming the attribute) if a
+attribute, and ``tests/tuner/test_kt_compat.py`` fails loudly (naming the attribute) if a
 keras-tuner release moves it.
 """
 

@@ -315,15 +315,15 @@ def test_per_variable_learning_rates():
 
 def test_datasets_of_examples_or_batches_load_the_same():
     x, y = _classification_data(100, 0)
-    examples = keras_es.keras_system.as_tensors(
+    examples = keras_es.engine.keras_system.as_tensors(
         tf.data.Dataset.from_tensor_slices((x, y)), "train_data")
-    batches = keras_es.keras_system.as_tensors(
+    batches = keras_es.engine.keras_system.as_tensors(
         tf.data.Dataset.from_tensor_slices((x, y)).batch(7), "train_data")
     for got in (examples, batches):
         np.testing.assert_array_equal(got[0], x)
         np.testing.assert_array_equal(got[1], y)
     with pytest.raises(ValueError, match="empty"):
-        keras_es.keras_system.as_tensors(
+        keras_es.engine.keras_system.as_tensors(
             tf.data.Dataset.from_tensor_slices((x[:0], y[:0])), "train_data")
 
 

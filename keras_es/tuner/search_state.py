@@ -44,7 +44,7 @@ class SearchState:
         unit: ``"steps"`` or ``"epochs"``.
         outer_optimizer: The Keras optimizer of theta.
         decode: ``decode(theta, gumbel=None) -> {name: value}``, the values a trial gets
-            (see `keras_es.kt_space`).
+            (see `keras_es.tuner.kt_space`).
         objective: ``(name, direction)`` of the reported objective.
         es: A saved state (already checked), or None until `start`.
     """

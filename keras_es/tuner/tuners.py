@@ -20,8 +20,8 @@ import keras_tuner
 import tensorflow as tf
 
 from keras_es import checks
-from keras_es.oracle import ESOracle
-from keras_es.search_state import PREFIX
+from keras_es.tuner.oracle import ESOracle
+from keras_es.tuner.search_state import PREFIX
 
 # The only checkpoint names ESOracle plans; anything else read back is refused.
 _CHECKPOINT_NAME = re.compile(r"particle_\d{3,}/episode_\d{5,}_window_\d{5,}\.weights\.h5")

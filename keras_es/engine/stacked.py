@@ -2,7 +2,7 @@
 
 ``tf.vectorized_map`` has no efficient rule for a convolution whose filter differs per
 particle: TensorFlow's converter loops over particles, and the im2col rewrite in
-`keras_es.vectorize` turns each convolution into many thin matmuls. On a CPU the fast
+`keras_es.engine.vectorize` turns each convolution into many thin matmuls. On a CPU the fast
 form is a *grouped* convolution: particle ``n``'s channel ``c`` becomes channel
 ``n * C + c`` of one tensor ``[B, H, W, N * C]`` and particle ``n``'s filter is group
 ``n`` of one filter ``[kh, kw, C, N * O]``. Pooling and elementwise activations act per

@@ -4,9 +4,9 @@ A `Population` stacks every weight of a Keras model N times (leading particle
 dimension) and runs every particle's forward and backward pass at once, in one of two
 ways: ``model.stateless_call`` under ``tf.vectorized_map`` with the gradient taken
 *inside* the map (a tape around the map is pathologically slow under XLA;
-`keras_es.vectorize` swaps Conv2D and max pooling for ops that vectorize while the step
+`keras_es.engine.vectorize` swaps Conv2D and max pooling for ops that vectorize while the step
 is traced), or, for convolutional Sequential and chain-shaped functional models, with
-particles stacked along channels and grouped convolutions (`keras_es.stacked`). It
+particles stacked along channels and grouped convolutions (`keras_es.engine.stacked`). It
 then applies Keras's own optimizer equations with per-particle hyperparameters. Keras
 optimizers bake momentum and betas in as Python floats at trace time and cannot be
 stacked per particle, so the update equations of `SGD` and `Adam` are written here,
@@ -28,7 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_es import checks, initializers, keras_compat, schedules, stacked, vectorize
+from keras_es import checks, keras_compat, schedules
+from keras_es.engine import initializers, stacked, vectorize
 from keras_es.schedules import Schedule, Value
 from keras_es.transforms import SearchSpace
 from keras_es.unrolled import select
@@ -383,13 +384,13 @@ class Population:
         execution: How the particles run: ``"vectorized"`` (``tf.vectorized_map`` over
             ``model.stateless_call``, any model; fastest under XLA), ``"stacked"``
             (particles stacked along channels with grouped convolutions, see
-            `keras_es.stacked`; Sequential or chain-shaped functional models of
+            `keras_es.engine.stacked`; Sequential or chain-shaped functional models of
             Conv2D, pooling, padding, BatchNormalization, Dropout, Flatten, Dense and
             activations; fastest without XLA; needs gradient kernels for grouped
             convolutions, which CPUs have only with TensorFlow's oneDNN kernels on), or
             ``"auto"`` (default): stacked for a model it supports that has a Conv2D when
             the device has those kernels (probed once per process, see
-            `keras_es.stacked.missing_kernel`), vectorized otherwise, with one warning
+            `keras_es.engine.stacked.missing_kernel`), vectorized otherwise, with one warning
             saying why. An explicit ``"stacked"`` that cannot run raises at once.
     """
 

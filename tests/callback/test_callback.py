@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import keras_es
-from keras_es import stacked
+from keras_es.engine import stacked
 
 SPACE = keras_es.SearchSpace([keras_es.Hyperparameter("lr", 1e-3, "log"),
                               keras_es.Hyperparameter("momentum", 0.5, "logit")])
@@ -620,7 +620,7 @@ def test_data_that_does_not_fit_the_model_is_named_at_train_begin(data, name, ma
 
 @pytest.mark.slow
 def test_an_endless_generator_as_train_data_is_refused(monkeypatch):
-    from keras_es import keras_system
+    from keras_es.engine import keras_system
 
     monkeypatch.setattr(keras_system, "MAX_DATA_BYTES", 2**20)
 

@@ -1,7 +1,7 @@
 """Particles sharded over tf.distribute replicas reproduce the one-device run.
 
 Logical devices must be configured before TensorFlow initializes, so every
-distributed run happens in a subprocess (`tests/distributed_runs.py`); the
+distributed run happens in a subprocess (`tests/distribute/distributed_runs.py`); the
 one-device references run in the same subprocess or, for the multi-worker test, here.
 """
 
@@ -24,7 +24,7 @@ from keras_es import distribute, testing
 pytestmark = pytest.mark.slow  # subprocesses with several logical devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 RUNS = os.path.join(HERE, "distributed_runs.py")
 sys.path.insert(0, HERE)
 import distributed_runs  # noqa: E402

@@ -16,7 +16,8 @@ import tensorflow as tf
 import keras_es
 from keras_es.systems import influence_balancing
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "v0_2")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                    "v0_2")
 CASES = {
     "pes_final": (lambda: keras_es.pes(0.1, 5, horizon=20, objective="final"), None),
     "guided_es_single": (

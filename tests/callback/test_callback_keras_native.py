@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import keras_es
-from keras_es import keras_optimizers
+from keras_es.callback import keras_optimizers
 
 SCHEDULES = keras.optimizers.schedules
 
