@@ -133,7 +133,7 @@ def test_the_engine_pages_execution_example_runs_as_written():
     import pathlib
     import re
 
-    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "engine.md").read_text()
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "engine.md").read_text()
     section = page.split("## Execution", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     namespace: dict = {}
