@@ -293,9 +293,11 @@ class MetaTrainer:
         prefix = "particles/.ATTRIBUTES/leaf_"
         count = sum(1 for key in reader.get_variable_to_shape_map()
                     if key.startswith(prefix) and key[len(prefix):].isdigit())
-        system_state, template = self._particles.gather()
-        if count == len(tf.nest.flatten((system_state, template))):
+        # The per-replica values have the global states' structure: no gather (an
+        # all-gather across workers) unless the layout is an earlier one.
+        if count == len(tf.nest.flatten(self._particles.values)):
             return False
+        system_state, template = self._particles.gather()
         saved = [reader.get_tensor(f"{prefix}{i}") for i in range(count)]
         n = len(tf.nest.flatten(system_state))
         system_state = tf.nest.pack_sequence_as(

@@ -175,7 +175,7 @@ class KerasTunerSpace:
                 continue
             if hp.default == hp.min_value and hp.max_value > hp.min_value:
                 value = _MIDDLE
-                moved.append(f"{hp.name}={_format(self._numeric(hp, t, _MIDDLE))}")
+                moved.append(f"{hp.name}={format_value(self._numeric(hp, t, _MIDDLE))}")
             else:
                 value = self._encode(hp, t, hp.default)
             theta.append(min(max(value, _START_BOUNDS[0]), _START_BOUNDS[1]))
@@ -241,7 +241,8 @@ def complete(hyperparameters, values: dict) -> dict:
     return values
 
 
-def _format(value) -> str:
+def format_value(value) -> str:
+    """A hyperparameter value as the search's messages and summaries print it."""
     if isinstance(value, float):
         return f"{value:.5g}"
     return str(value)

@@ -20,6 +20,7 @@ import keras_tuner
 import tensorflow as tf
 
 from keras_es import checks
+from keras_es.tuner import kt_space
 from keras_es.tuner.oracle import ESOracle
 from keras_es.tuner.search_state import PREFIX
 
@@ -241,7 +242,7 @@ class ESTuner(keras_tuner.Tuner):
         tuned = set(es["config"]["names"])
         for name, value in oracle.mean_values().items():
             note = "" if name in tuned else "  (not tuned: its default)"
-            print(f"  {name}: {_format(value)}{note}")
+            print(f"  {name}: {kt_space.format_value(value)}{note}")
         history = oracle.history
         if history:
             print()
@@ -252,7 +253,7 @@ class ESTuner(keras_tuner.Tuner):
                     print("  ...")
                     continue
                 value = entry[oracle.objective.name]
-                print(f"  {entry['outer_step']:5d}: {_format(value)}  "
+                print(f"  {entry['outer_step']:5d}: {kt_space.format_value(value)}  "
                       f"(valid pairs {entry['valid_pairs']})")
         print()
         print(f"Showing {num_trials} best particle trials")
@@ -413,10 +414,3 @@ def _check_metadata(meta: dict) -> None:
 def _build_config_path(checkpoint: str) -> str:
     """Where the build config of a ``.weights.h5`` checkpoint is kept."""
     return checkpoint[: -len(".weights.h5")] + ".build.json"
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.5g}"
-    return str(value)
-
