@@ -59,7 +59,7 @@ from keras_es.core import sampling as sampling_lib
 from keras_es.core import unroll as unroll_lib
 from keras_es.core.pairs import sign as _sign
 from keras_es.core.pairs import twin as _twin
-from keras_es.core.sampling import GuidedConfig
+from keras_es.core.sampling import GuidedConfig, LearnedSigma  # noqa: F401 (re-exported)
 from keras_es.core.window import WindowPartials, WindowResult, WindowSums  # noqa: F401 (re-exported)
 from keras_es.unrolled import UnrolledSystem
 
@@ -154,6 +154,14 @@ class Estimator:
             scale of the pairs' differences is credited at that bound instead (default
             100; None turns it off; see `keras_es.core.guard`). Clipping biases the
             estimate where it acts; ``WindowResult.clipped_pairs`` counts it.
+        fitness_shaping: None, or ``"rank"``: each valid pair's summed difference in
+            the window is replaced by its signed rank among all pairs
+            (`keras_es.core.guard.signed_ranks`, ``|u| <= 1``). **Biased**: it estimates
+            a direction of descent of a rank-transformed objective, not the gradient
+            (on a linear loss its mean is a positive multiple of the gradient).
+        learn_sigma: None, True or a `LearnedSigma`: learn sigma by variational
+            optimization from the same samples (its estimate is unbiased for the
+            gradient of the smoothed loss with respect to ``log sigma``).
     """
 
     name: str
@@ -169,14 +177,18 @@ class Estimator:
     clip_loss_difference: float | None = None
     normalize: bool = False
     clip_outliers: float | None = 100.0
+    fitness_shaping: str | None = None
+    learn_sigma: LearnedSigma | None = None
 
     def __post_init__(self):
+        if isinstance(self.learn_sigma, bool):  # True: the defaults; False: None
+            object.__setattr__(self, "learn_sigma", LearnedSigma() if self.learn_sigma else None)
         _check_fields(self)
 
     # ------------------------------------------------------------------ pieces
     @property
     def sampler(self):
-        return sampling_lib.sampler(self.guided)
+        return sampling_lib.sampler(self.guided, self.learn_sigma, self.sigma)
 
     @property
     def resampling(self) -> resampling_lib.Resampling:
@@ -198,7 +210,8 @@ class Estimator:
         zeros = tf.zeros([num_pairs], tf.int32)
         return EstimatorState(
             counters=Counters(zeros, zeros, zeros, zeros),
-            perturbation=resampling_lib.Resampling.init(num_pairs, dim),
+            perturbation=resampling_lib.Resampling.init(
+                num_pairs, dim, self.sampler.score_width(dim)),
             sampler=self.sampler.init(dim), credit=self.credit.init(num_pairs, dim),
             guard=guard_lib.Guard.init())
 
@@ -302,9 +315,10 @@ class Estimator:
         """Empty `WindowSums` for this replica's pairs."""
         num_pairs, dim = state.num_pairs, int(state.noise.shape[-1])
         false = tf.zeros([num_pairs], tf.bool)
+        learned = () if self.learn_sigma is None else self.sampler.start(num_pairs, dim)
         return WindowSums(tf.zeros([num_pairs, dim], tf.float32),
                           tf.zeros([num_pairs], tf.float32), tf.constant(0.0),
-                          tf.constant(0.0), false, false, tf.constant(0, tf.int32))
+                          tf.constant(0.0), false, false, tf.constant(0, tf.int32), learned)
 
     def tell(self, state: EstimatorState, sums: WindowSums, losses, *, active=None,
              done=None, meta_losses=None, credit: bool = True):
@@ -332,7 +346,12 @@ class Estimator:
         plus, minus = losses[0::2], losses[1::2]
         difference, finite = self.guard.differences(plus, minus, active)
         ok, bad = active & finite, active & ~finite
-        step_credit = self.credit.step(difference, state.accumulator)
+        accumulator = state.accumulator
+        if self.learn_sigma is not None:  # the log-sigma scores follow theta's
+            accumulator, zeta = self.sampler.split(accumulator, int(state.noise.shape[-1]))
+            if credit:
+                sums = sums._replace(sigma=self.sampler.step(sums.sigma, plus, minus, ok, zeta))
+        step_credit = self.credit.step(difference, accumulator)
         sums = sums._replace(
             credit=sums.credit + step_credit if credit else sums.credit,
             differences=sums.differences + difference,
@@ -368,37 +387,7 @@ class Estimator:
             ``(state, partials, restart)``: `WindowPartials` for `combine`, and the
             pairs to re-initialize, as in `tell`.
         """
-        meta_sum = meta_count = tf.constant(0.0)
-        restart = tf.zeros_like(sums.invalid)
-        if self.credit.final:
-            f_plus, f_minus = meta_losses
-            part, d, f_ok, telescope = self.credit.window_end(
-                state.credit, state.accumulator, state.episode_step > 0, f_plus, f_minus)
-            f_bad = (state.episode_step > 0) & ~f_ok
-            sums = _invalidate(sums._replace(
-                credit=sums.credit + part if credit else sums.credit, differences=d), f_bad)
-            state, restart = state._replace(credit=telescope), f_bad
-            both_ok = tf.concat([f_ok, f_ok], 0)
-            meta_sum = tf.reduce_sum(tf.where(both_ok, tf.concat([f_plus, f_minus], 0), 0.0))
-            meta_count = tf.reduce_sum(tf.cast(both_ok, tf.float32))
-        if finite is not None:
-            # A state that went non-finite in the window's last step (its loss, computed
-            # before the update, was still finite) would be caught only in the next
-            # window, after a checkpoint could have saved it: restart that pair now.
-            broken = ~finite & ~sums.invalid & sums.stepped
-            sums, restart = _invalidate(sums, broken), restart | broken
-        # Pairs that waited the whole window are not counted, nor pairs whose finite
-        # losses overflowed their difference or credit: left out by name rather than
-        # zeroing the whole estimate.
-        overflowed = ~(tf.reduce_all(tf.math.is_finite(sums.credit), axis=1)
-                       & tf.math.is_finite(sums.differences))
-        valid = ~sums.invalid & ~overflowed & sums.stepped
-        partials = WindowPartials(
-            pair_gradients=tf.where(valid[:, None], sums.credit, 0.0) / (2.0 * self.sigma ** 2),
-            differences=sums.differences, valid=valid, loss_sum=sums.loss_sum,
-            loss_count=sums.loss_count, meta_sum=meta_sum, meta_count=meta_count,
-            diverged=sums.diverged)
-        return _restarted(state, restart), partials, restart
+        return _finish(self, state, sums, meta_losses, finite, credit)
 
     def combine(self, state: EstimatorState, partials: WindowPartials,
                 shard: distribute_lib.Shard | None = None):
@@ -444,9 +433,9 @@ def full_es(sigma: float, horizon: int, objective: str = "sum", *, telescope: bo
         clip_loss_difference: As in `Estimator`.
         normalize: As in `Estimator`.
         clip_outliers: As in `Estimator`.
-        **fixed: ``stagger``, ``truncation_length``, ``resample`` and ``accumulate``
-            are refused with a clear error: one window is one whole, unstaggered
-            episode.
+        **fixed: ``fitness_shaping`` and ``learn_sigma``, as in `Estimator`;
+            ``stagger``, ``truncation_length``, ``resample`` and ``accumulate`` are
+            refused with a clear error: one window is one whole, unstaggered episode.
 
     Example:
 
@@ -457,6 +446,7 @@ def full_es(sigma: float, horizon: int, objective: str = "sum", *, telescope: bo
     ```
     """
     checks.positive_int("horizon", horizon)
+    primer = {k: fixed.pop(k) for k in _PRIMER if k in fixed}
     for name, value in fixed.items():
         if name not in ("stagger", "truncation_length", "resample", "accumulate"):
             raise TypeError(f"full_es() got an unexpected keyword argument {name!r}")
@@ -466,14 +456,14 @@ def full_es(sigma: float, horizon: int, objective: str = "sum", *, telescope: bo
                      resample="episode", accumulate=False, objective=objective,
                      telescope=telescope, stagger=False, guided=guided,
                      clip_loss_difference=clip_loss_difference, normalize=normalize,
-                     clip_outliers=clip_outliers)
+                     clip_outliers=clip_outliers, **primer)
 
 
 def truncated_es(sigma: float, truncation_length: int, horizon: int | None = None,
                  objective: str = "sum", *, telescope: bool = True, stagger: bool = True,
                  guided: GuidedConfig | None = None,
                  clip_loss_difference: float | None = None, normalize: bool = False,
-                 clip_outliers: float | None = 100.0) -> Estimator:
+                 clip_outliers: float | None = 100.0, **primer) -> Estimator:
     """Truncated ES: fresh noise each window, credited only to that window.
 
     Biased: it ignores how the window's start state depends on theta (the bias PES and
@@ -491,6 +481,7 @@ def truncated_es(sigma: float, truncation_length: int, horizon: int | None = Non
         clip_loss_difference: As in `Estimator`.
         normalize: As in `Estimator`.
         clip_outliers: As in `Estimator`.
+        **primer: ``fitness_shaping`` and ``learn_sigma``, as in `Estimator`.
 
     Example:
 
@@ -503,14 +494,15 @@ def truncated_es(sigma: float, truncation_length: int, horizon: int | None = Non
     return Estimator("truncated_es", sigma, truncation_length, horizon, resample="window",
                      accumulate=False, objective=objective, telescope=telescope,
                      stagger=stagger, guided=guided, clip_loss_difference=clip_loss_difference,
-                     normalize=normalize, clip_outliers=clip_outliers)
+                     normalize=normalize, clip_outliers=clip_outliers,
+                     **_primer("truncated_es", primer))
 
 
 def pes(sigma: float, truncation_length: int, horizon: int | None = None,
         resample_interval: int | None = None, objective: str = "sum", *,
         telescope: bool = True, stagger: bool = True, guided: GuidedConfig | None = None,
         clip_loss_difference: float | None = None, normalize: bool = False,
-        clip_outliers: float | None = 100.0) -> Estimator:
+        clip_outliers: float | None = 100.0, **primer) -> Estimator:
     """Persistent ES (Vicol et al., 2021, "Unbiased Gradient Estimation in Unrolled
     Computation Graphs with Persistent Evolution Strategies").
 
@@ -531,6 +523,7 @@ def pes(sigma: float, truncation_length: int, horizon: int | None = None,
         clip_loss_difference: As in `Estimator`.
         normalize: As in `Estimator`.
         clip_outliers: As in `Estimator`.
+        **primer: ``fitness_shaping`` and ``learn_sigma``, as in `Estimator`.
 
     Example:
 
@@ -544,13 +537,15 @@ def pes(sigma: float, truncation_length: int, horizon: int | None = None,
     return Estimator("pes", sigma, truncation_length, horizon, resample=resample,
                      accumulate=True, objective=objective, telescope=telescope,
                      stagger=stagger, guided=guided, clip_loss_difference=clip_loss_difference,
-                     normalize=normalize, clip_outliers=clip_outliers)
+                     normalize=normalize, clip_outliers=clip_outliers,
+                     **_primer("pes", primer))
 
 
 def es_single(sigma: float, truncation_length: int, horizon: int | None = None,
               objective: str = "sum", *, telescope: bool = True, stagger: bool = True,
               guided: GuidedConfig | None = None, clip_loss_difference: float | None = None,
-              normalize: bool = False, clip_outliers: float | None = 100.0) -> Estimator:
+              normalize: bool = False, clip_outliers: float | None = 100.0,
+              **primer) -> Estimator:
     """ES-Single / Noise-Reuse ES (Li et al., 2023, "Noise-Reuse in Online Evolution
     Strategies").
 
@@ -570,6 +565,7 @@ def es_single(sigma: float, truncation_length: int, horizon: int | None = None,
         clip_loss_difference: As in `Estimator`.
         normalize: As in `Estimator`.
         clip_outliers: As in `Estimator`.
+        **primer: ``fitness_shaping`` and ``learn_sigma``, as in `Estimator`.
 
     Example:
 
@@ -582,7 +578,8 @@ def es_single(sigma: float, truncation_length: int, horizon: int | None = None,
     return Estimator("es_single", sigma, truncation_length, horizon, resample="episode",
                      accumulate=False, objective=objective, telescope=telescope,
                      stagger=stagger, guided=guided, clip_loss_difference=clip_loss_difference,
-                     normalize=normalize, clip_outliers=clip_outliers)
+                     normalize=normalize, clip_outliers=clip_outliers,
+                     **_primer("es_single", primer))
 
 
 ESTIMATORS = {"full_es": full_es, "truncated_es": truncated_es, "pes": pes,
@@ -614,7 +611,8 @@ def resolve(estimator: str | Estimator = "es_single", *, sigma: float | None = N
         telescope: As in `Estimator`.
         guided: Optional `GuidedConfig`.
         **options: Further `Estimator` fields (``stagger``, ``clip_loss_difference``,
-            ``normalize``, ``clip_outliers``) and ``resample_interval`` for ``"pes"``.
+            ``normalize``, ``clip_outliers``, ``fitness_shaping``, ``learn_sigma``) and
+            ``resample_interval`` for ``"pes"``.
 
     Example:
 
@@ -651,7 +649,19 @@ def resolve(estimator: str | Estimator = "es_single", *, sigma: float | None = N
 # ---------------------------------------------------------------------- helpers
 # What `resolve` passes on to the factories besides its named settings.
 _OPTIONS = ("stagger", "clip_loss_difference", "normalize", "clip_outliers",
-            "resample_interval")
+            "resample_interval", "fitness_shaping", "learn_sigma")
+# The options from the ES primer every factory passes on to `Estimator`.
+_PRIMER = ("fitness_shaping", "learn_sigma")
+_SHAPINGS = (None, "rank")
+
+
+def _primer(factory: str, options: dict) -> dict:
+    """The factories' ``**primer``: only `_PRIMER` names (a typo is a TypeError, as for
+    any keyword)."""
+    for name in options:
+        if name not in _PRIMER:
+            raise TypeError(f"{factory}() got an unexpected keyword argument {name!r}")
+    return options
 
 
 def _check_settings(estimator, settings: dict) -> None:
@@ -714,6 +724,41 @@ def _check_fields(est: Estimator) -> None:
                              "multiple >= 1 of the median difference (or None).")
     if est.guided is not None and not isinstance(est.guided, GuidedConfig):
         raise ValueError(f"guided={est.guided!r} is invalid; expected a GuidedConfig or None.")
+    _check_primer(est)
+
+
+def _check_primer(est: Estimator) -> None:
+    """The options from the ES primer, and the combinations they cannot serve."""
+    if est.fitness_shaping not in _SHAPINGS:
+        raise ValueError(f"fitness_shaping={est.fitness_shaping!r} is invalid; expected None "
+                         "or 'rank'.")
+    if est.fitness_shaping == "rank" and est.objective != "sum":
+        raise ValueError(
+            f"fitness_shaping='rank' with objective={est.objective!r} is not supported: a "
+            "telescoped window credits the change of a difference, which has no rank; use "
+            "objective='sum' (meta_objective='sum').")
+    if est.fitness_shaping == "rank" and est.normalize:
+        raise ValueError("fitness_shaping='rank' with normalize=True is invalid: ranks are "
+                         "already scale-free; leave normalize=False.")
+    learned = est.learn_sigma
+    if learned is None:
+        return
+    if not isinstance(learned, LearnedSigma):
+        raise ValueError(f"learn_sigma={learned!r} is invalid; expected None, True or a "
+                         "keras_es.estimators.LearnedSigma.")
+    if est.guided is not None:
+        raise ValueError("learn_sigma with guided=... is not supported: Guided ES shapes its "
+                         "covariance from surrogate gradients and sigma is its total radius; "
+                         "use one of them.")
+    if est.objective != "sum":
+        raise ValueError(
+            f"learn_sigma with objective={est.objective!r} is not supported: the log-sigma "
+            "estimate credits every step's loss; use objective='sum' (meta_objective='sum').")
+    if est.resample == "episode" and est.horizon is None:
+        raise ValueError(
+            f"learn_sigma with estimator {est.name!r} and horizon=None is invalid: noise "
+            "drawn once per episode is never redrawn without a horizon, so a learned sigma "
+            "would never reach the perturbations; give a horizon or use 'pes'.")
 
 
 # The flat layout of an EstimatorState saved by keras_es 0.1 and 0.2 (tf.nest order of
@@ -732,6 +777,13 @@ def _restore_state(leaves: list, template: EstimatorState) -> EstimatorState:
         raise ValueError(f"The saved estimator state has {len(leaves)} tensors; this "
                          f"estimator's has {len(flat)} (or {len(_LEGACY_FIELDS)} in the "
                          "layout of keras_es 0.2): it was saved by a different estimator.")
+    if isinstance(template.sampler, sampling_lib.SigmaState):
+        raise ValueError("The saved estimator state is in the layout of keras_es 0.1/0.2, "
+                         "which had no learned sigma; this estimator learns sigma "
+                         "(learn_sigma): it was saved by a different estimator.")
+    if np.shape(leaves[5]) != np.shape(leaves[4]):
+        raise ValueError("The saved estimator state is of an estimator that learns sigma "
+                         "(learn_sigma); this one does not.")
     old = dict(zip(_LEGACY_FIELDS, leaves, strict=False))
     old.setdefault("scale", np.float32(0.0))  # 0.1: the running scale starts at 0
     t = template
@@ -777,6 +829,43 @@ def _ended(horizon, episode_step, done, num_pairs):
         done = tf.reshape(tf.cast(done, tf.bool), [2 * num_pairs])
         ended = ended | done[0::2] | done[1::2]
     return ended
+
+def _finish(est: Estimator, state: EstimatorState, sums: WindowSums, meta_losses, finite,
+            credit: bool):
+    """`Estimator.finish`."""
+    meta_sum = meta_count = tf.constant(0.0)
+    restart = tf.zeros_like(sums.invalid)
+    if est.credit.final:
+        f_plus, f_minus = meta_losses
+        part, d, f_ok, telescope = est.credit.window_end(
+            state.credit, state.accumulator, state.episode_step > 0, f_plus, f_minus)
+        f_bad = (state.episode_step > 0) & ~f_ok
+        sums = _invalidate(sums._replace(
+            credit=sums.credit + part if credit else sums.credit, differences=d), f_bad)
+        state, restart = state._replace(credit=telescope), f_bad
+        both_ok = tf.concat([f_ok, f_ok], 0)
+        meta_sum = tf.reduce_sum(tf.where(both_ok, tf.concat([f_plus, f_minus], 0), 0.0))
+        meta_count = tf.reduce_sum(tf.cast(both_ok, tf.float32))
+    if finite is not None:
+        # A state that went non-finite in the window's last step (its loss, computed
+        # before the update, was still finite) would be caught only in the next
+        # window, after a checkpoint could have saved it: restart that pair now.
+        broken = ~finite & ~sums.invalid & sums.stepped
+        sums, restart = _invalidate(sums, broken), restart | broken
+    # Pairs that waited the whole window are not counted, nor pairs whose finite
+    # losses overflowed their difference or credit: left out by name rather than
+    # zeroing the whole estimate.
+    overflowed = ~(tf.reduce_all(tf.math.is_finite(sums.credit), axis=1)
+                   & tf.math.is_finite(sums.differences))
+    valid = ~sums.invalid & ~overflowed & sums.stepped
+    learned = () if est.learn_sigma is None else est.sampler.partials(sums.sigma, valid, credit)
+    partials = WindowPartials(
+        pair_gradients=tf.where(valid[:, None], sums.credit, 0.0) / (2.0 * est.sigma ** 2),
+        differences=sums.differences, valid=valid, loss_sum=sums.loss_sum,
+        loss_count=sums.loss_count, meta_sum=meta_sum, meta_count=meta_count,
+        diverged=sums.diverged, sigma=learned)
+    return _restarted(state, restart), partials, restart
+
 
 def _restarted(state: EstimatorState, restart) -> EstimatorState:
     counters = state.counters

@@ -194,6 +194,8 @@ class MetaTrainer:
             # False when the update was skipped or undone (see `outer_update`).
             "updated": bool(updated),
         }
+        if self.estimator.learn_sigma is not None:
+            logs.update(_sigma_logs(result.sigma.numpy()))
         theta = self.theta_value
         if self.space:
             logs.update(self.space.decode(theta))
@@ -276,7 +278,8 @@ class MetaTrainer:
                 self.system, system_state, state, theta, self.seed,
                 distribute_lib.replica_shard(self.num_pairs), self.jit_compile)
             # pair_gradients stay on the replica: only reduced values leave it.
-            return (system_state, state), result._replace(pair_gradients=tf.zeros([0]))
+            return (system_state, state), result._replace(pair_gradients=tf.zeros([0]),
+                                                          pair_sigma_gradients=())
 
         particles, result = self.strategy.run(replica, args=(particles,))
         # Every replica holds the same reduced result; read the first local one.
@@ -414,6 +417,14 @@ def _check_arguments(system, estimator, num_particles, outer_optimizer, seed, su
             f"scope of strategy={type(strategy).__name__}; create it inside "
             "`with strategy.scope():` (or leave it None).")
     return strategy
+
+
+def _sigma_logs(sigma: np.ndarray) -> dict:
+    """A learned sigma after the window's update: ``sigma`` (one shared, or the mean of
+    more than `MAX_LOGGED_COORDINATES`), else ``sigma_0``, ``sigma_1``, ..."""
+    if sigma.size == 1 or sigma.size > MAX_LOGGED_COORDINATES:
+        return {"sigma": float(np.mean(sigma))}
+    return {f"sigma_{i}": float(v) for i, v in enumerate(sigma)}
 
 
 def _takes_state(function) -> bool:

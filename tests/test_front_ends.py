@@ -45,7 +45,8 @@ def _oracle_first_update(estimator, tmp_path):
         oracle.update_trial(trial.trial_id, {"val_loss": (u - TARGET) ** 2})
         trial.status = "COMPLETED"
         oracle.end_trial(trial)
-    return np.asarray(oracle.theta, np.float64), np.asarray(oracle.history[0]["gradient"])
+    return (np.asarray(oracle.theta, np.float64), np.asarray(oracle.history[0]["gradient"]),
+            oracle)
 
 
 @pytest.mark.parametrize("spelling", ["name", "object"])
@@ -57,11 +58,46 @@ def test_meta_trainer_and_oracle_make_the_same_first_update(spelling, tmp_path):
         _Quadratic(), estimator, [theta0], 4, seed=3,
         **({"stagger": False, **SETTINGS} if spelling == "name" else {}))
     logs = trainer.step()
-    theta, gradient = _oracle_first_update(estimator, tmp_path)
+    theta, gradient, _ = _oracle_first_update(estimator, tmp_path)
     # The oracle's trials report float64 values decoded from theta and encoded again.
     np.testing.assert_allclose(np.linalg.norm(gradient), logs["gradient_norm"], rtol=1e-5)
     np.testing.assert_allclose(theta, trainer.theta_value, rtol=1e-6, atol=1e-7)
     assert not np.allclose(theta, theta0)  # the update moved theta
+
+
+def test_the_primer_options_make_the_same_first_update_through_both(tmp_path):
+    """Rank shaping and a learned sigma live in the estimator and its state, so the
+    oracle (which calls ask/tell/finish/combine itself) applies them as MetaTrainer
+    does: same theta, same estimate, same new sigma."""
+    estimator = keras_es.es_single(stagger=False, fitness_shaping="rank", learn_sigma=True,
+                                   **SETTINGS)
+    theta0 = float(Logit(0.0, 1.0).encode(np.float64(0.3)))
+    trainer = keras_es.MetaTrainer(_Quadratic(), estimator, [theta0], 4, seed=3)
+    logs = trainer.step()
+    theta, gradient, oracle = _oracle_first_update(estimator, tmp_path)
+    np.testing.assert_allclose(np.linalg.norm(gradient), logs["gradient_norm"], rtol=1e-5)
+    np.testing.assert_allclose(theta, trainer.theta_value, rtol=1e-6, atol=1e-7)
+    steps = oracle.estimator
+    state = steps.restore_state(oracle.search_state.es["estimator"], steps.init(2, 1))
+    np.testing.assert_allclose(np.exp(state.sampler.log_sigma), logs["sigma"], rtol=1e-5)
+    assert logs["sigma"] != SETTINGS["sigma"]  # the first update moved sigma
+
+
+@pytest.mark.slow
+def test_the_callback_takes_an_estimator_with_the_primer_options():
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    model = keras.Sequential([keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.5), loss="binary_crossentropy")
+    estimator = keras_es.es_single(0.2, 2, horizon=8, fitness_shaping="rank",
+                                   learn_sigma=True)
+    callback = keras_es.ESCallback(["learning_rate", "momentum"], train_data=(x, y),
+                                   estimator=estimator, num_particles=4, seed=3)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
+    assert callback.trainer.estimator == estimator
+    sigma = np.exp(callback.trainer.state.sampler.log_sigma.numpy())
+    assert sigma.shape == (2,) and not np.allclose(sigma, 0.2)
+    assert all(h["updated"] for h in callback.window_history)
 
 
 @pytest.mark.slow

@@ -11,6 +11,9 @@
   overflow the outer optimizer's slots, while ordinary differences are not touched
   (measured on a tuned MLP with 4 pairs: a bound of 10 medians clipped a pair in about
   1 window of 3, 100 in none of 12).
+* ``fitness_shaping="rank"`` replaces each pair's difference by its signed rank among
+  the pairs (`signed_ranks`), which bounds every pair's weight whatever its loss; it is
+  applied in `keras_es.core.reduce.combine`, where every pair's difference is known.
 
 State: `GuardState`, the same on every replica.
 """
@@ -111,3 +114,23 @@ def masked_std(x, mask):
     n = tf.maximum(tf.reduce_sum(m), 1.0)
     mean = tf.reduce_sum(x * m) / n
     return tf.sqrt(tf.reduce_sum(tf.square(x - mean) * m) / n)
+
+
+def signed_ranks(differences, mask):
+    """Rank-based fitness shaping of the pairs' loss differences ``d_p``: each pair
+    where ``mask`` gets ``u_p = sign(d_p) F(|d_p|)``, with ``F`` the empirical
+    distribution of ``|d|`` over the pairs in ``mask`` (``(rank + 1) / n``, rank 0 for
+    the smallest; tied magnitudes share their mean rank); 0 elsewhere.
+
+    ``u`` keeps each difference's sign (so it stays odd in the noise, as ``d`` is for an
+    antithetic pair) and its order of magnitude among the pairs, and drops its scale:
+    ``|u_p| <= 1`` whatever the losses, and a zero difference stays zero.
+    """
+    magnitude = tf.abs(differences)
+    ordered = tf.sort(tf.where(mask, magnitude, float("inf")))
+    below = tf.searchsorted(ordered, magnitude, side="left")
+    at_or_below = tf.searchsorted(ordered, magnitude, side="right")
+    count = tf.reduce_sum(tf.cast(mask, tf.float32))
+    # Mean 1-based rank of the tied block [below, at_or_below).
+    rank = 0.5 * tf.cast(below + at_or_below + 1, tf.float32)
+    return tf.where(mask, tf.sign(differences) * rank / tf.maximum(count, 1.0), 0.0)

@@ -2,8 +2,13 @@
 
 Under a ``tf.distribute`` strategy each replica holds a `keras_es.distribute.Shard` of
 the pairs; `combine` is the only place they exchange anything: with
-``clip_outliers`` or ``normalize`` one all-reduce of two floats per pair (every pair's
-credited difference and validity), then one of ``dim + 7`` floats packed from a nest.
+``clip_outliers``, ``normalize`` or ``fitness_shaping="rank"`` one all-reduce of two
+floats per pair (every pair's credited difference and validity), then one of
+``dim + 7`` floats packed from a nest (``3 s + 2`` more with a learned sigma).
+
+Rank-based fitness shaping needs every pair's difference, so it is computed here, after
+that first all-reduce: each replica ranks all pairs and scales its own. A learned
+sigma's estimate and its update happen here too, identically on every replica.
 """
 
 from __future__ import annotations
@@ -19,31 +24,26 @@ from keras_es.core.window import WindowResult
 def combine(est, state, partials, shard: distribute_lib.Shard | None = None):
     """Sums the replicas' `WindowPartials` into the window's estimate.
 
-    With ``clip_outliers`` or ``normalize``, one all-reduce gathers every pair's
-    credited difference (two floats per pair over all replicas) first; then one of
-    ``dim + 7`` floats. Every replica gets the same result and guard state.
+    With ``clip_outliers``, ``normalize`` or ``fitness_shaping="rank"``, one all-reduce
+    gathers every pair's credited difference (two floats per pair over all replicas)
+    first; then one of ``dim + 7`` floats (``3 s + 2`` more with a learned sigma, whose
+    estimate and Adam step follow). Every replica gets the same result, guard state and
+    learned sigma.
 
     Returns:
         ``(state, WindowResult)``.
     """
     shard = shard or distribute_lib.single(int(partials.valid.shape[0]))
-    pair_gradients, spread = partials.pair_gradients, None
-    guard, clipped = state.guard, tf.constant(0.0)
-    if est.normalize or est.clip_outliers is not None:
-        differences, valid = _gather_pairs(shard, partials)
-        if est.normalize:
-            spread = guard_lib.masked_std(differences, valid)
-        if est.clip_outliers is not None:
-            factor, clipped, scale = est.guard.outliers(
-                guard, differences, valid, partials.differences, partials.valid)
-            pair_gradients = pair_gradients * factor[:, None]
-            guard = guard._replace(scale=scale)
-    total = _all_reduce_nest(shard, {
+    pair_gradients, spread, guard, clipped = _shape(est, state.guard, partials, shard)
+    nest = {
         "gradient": tf.reduce_sum(pair_gradients, 0),
         "valid": tf.reduce_sum(tf.cast(partials.valid, tf.float32)),
         "loss_sum": partials.loss_sum, "loss_count": partials.loss_count,
         "meta_sum": partials.meta_sum, "meta_count": partials.meta_count,
-        "diverged": tf.cast(partials.diverged, tf.float32), "clipped": clipped})
+        "diverged": tf.cast(partials.diverged, tf.float32), "clipped": clipped}
+    if est.learn_sigma is not None:
+        nest["sigma"] = est.sampler.totals(partials.sigma)
+    total = _all_reduce_nest(shard, nest)
     gradient = total["gradient"] / tf.maximum(total["valid"], 1.0)
     if spread is not None:
         gradient = tf.math.divide_no_nan(gradient, spread)
@@ -54,12 +54,44 @@ def combine(est, state, partials, shard: distribute_lib.Shard | None = None):
     meta_loss = (_mean(total["meta_sum"], total["meta_count"])
                  if est.credit.final else tf.constant(float("nan")))
     state = state._replace(guard=guard._replace(diverged=guard.diverged + diverged))
+    learned = {}
+    if est.learn_sigma is not None:
+        sampler, pairs, estimate, sigma = est.sampler.combine(state.sampler, partials.sigma,
+                                                              total["sigma"])
+        state = state._replace(sampler=sampler)
+        learned = {"sigma": sigma, "sigma_gradient": estimate, "pair_sigma_gradients": pairs}
     return state, WindowResult(
         gradient=tf.where(tf.math.is_finite(gradient), gradient, 0.0),
         loss=_mean(total["loss_sum"], total["loss_count"]), meta_loss=meta_loss,
         valid_pairs=tf.cast(tf.round(total["valid"]), tf.int32), diverged_pairs=diverged,
         pair_gradients=pair_gradients,
-        clipped_pairs=tf.cast(tf.round(total["clipped"]), tf.int32))
+        clipped_pairs=tf.cast(tf.round(total["clipped"]), tf.int32), **learned)
+
+
+def _shape(est, guard, partials, shard):
+    """The pairs' estimates after fitness shaping, outlier clipping and ``normalize``:
+    ``(pair_gradients, spread or None, guard state, clipped pairs)``."""
+    pair_gradients, spread, clipped = partials.pair_gradients, None, tf.constant(0.0)
+    if est.fitness_shaping == "rank":
+        # Ranks bound every pair's utility: nothing is left for the outlier clip.
+        differences, valid = _gather_pairs(shard, partials)
+        utilities = guard_lib.signed_ranks(differences, valid)
+        local = tf.gather(utilities, shard.first_pair + tf.range(tf.shape(partials.valid)[0]))
+        # credit / d is the pair's xi when xi was constant over the window (else the
+        # steps' xi weighted by their share of d); the utility replaces d.
+        shaped = tf.math.divide_no_nan(pair_gradients, partials.differences[:, None])
+        pair_gradients = tf.where(partials.valid[:, None], shaped * local[:, None], 0.0)
+        return pair_gradients, spread, guard, clipped
+    if est.normalize or est.clip_outliers is not None:
+        differences, valid = _gather_pairs(shard, partials)
+        if est.normalize:
+            spread = guard_lib.masked_std(differences, valid)
+        if est.clip_outliers is not None:
+            factor, clipped, scale = est.guard.outliers(
+                guard, differences, valid, partials.differences, partials.valid)
+            pair_gradients = pair_gradients * factor[:, None]
+            guard = guard._replace(scale=scale)
+    return pair_gradients, spread, guard, clipped
 
 
 def _mean(total, count):

@@ -24,9 +24,10 @@ class Perturbation(NamedTuple):
     Attributes:
         noise: float32 ``[pairs, dim]``, the perturbation currently applied (``+noise``
             to particle ``2p``, ``-noise`` to ``2p + 1``).
-        score: float32 ``[pairs, dim]``, the credit weight of ``noise``.
+        score: float32 ``[pairs, dim]``, the credit weight of ``noise`` (with a learned
+            sigma, ``[pairs, dim + s]``: the log-sigma scores follow).
         accumulator: float32 ``[pairs, dim]``, ``xi``: the scores credited with the
-            pair's loss differences.
+            pair's loss differences (with a learned sigma, ``[pairs, dim + s]``).
     """
 
     noise: tf.Tensor
@@ -47,9 +48,14 @@ class Resampling:
         self.every, self.accumulate = every, accumulate
 
     @staticmethod
-    def init(num_pairs: int, dim: int) -> Perturbation:
+    def init(num_pairs: int, dim: int, score_width: int | None = None) -> Perturbation:
+        """Zeros; the score and accumulator have ``score_width`` columns (default
+        ``dim``; a learned sigma adds its own)."""
         zeros = tf.zeros([num_pairs, dim], tf.float32)
-        return Perturbation(zeros, zeros, zeros)
+        if score_width is None or score_width == dim:
+            return Perturbation(zeros, zeros, zeros)
+        wide = tf.zeros([num_pairs, score_width], tf.float32)
+        return Perturbation(zeros, wide, wide)
 
     def due(self, episode_step, active, window_start):
         """bool ``[pairs]``: pairs that draw new noise at this step."""

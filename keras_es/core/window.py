@@ -3,7 +3,7 @@ replica's partial estimate, and the window's result."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
@@ -20,6 +20,7 @@ class WindowSums(NamedTuple):
         invalid: bool ``[pairs]``, pairs not to be credited (a non-finite value).
         stepped: bool ``[pairs]``, pairs that took part in at least one step.
         diverged: int32, pairs reset after a non-finite value.
+        sigma: With a learned sigma, its `keras_es.core.sampling.SigmaSums`; else ``()``.
     """
 
     credit: tf.Tensor
@@ -29,6 +30,7 @@ class WindowSums(NamedTuple):
     invalid: tf.Tensor
     stepped: tf.Tensor
     diverged: tf.Tensor
+    sigma: Any = ()
 
 
 class WindowPartials(NamedTuple):
@@ -44,6 +46,8 @@ class WindowPartials(NamedTuple):
         meta_sum: Sum of the finite window-end meta-losses (``objective="final"``).
         meta_count: Number of those meta-losses.
         diverged: int32, local pairs reset after a non-finite loss.
+        sigma: With a learned sigma, its `keras_es.core.sampling.SigmaPartials`; else
+            ``()``.
     """
 
     pair_gradients: tf.Tensor
@@ -54,6 +58,7 @@ class WindowPartials(NamedTuple):
     meta_sum: tf.Tensor
     meta_count: tf.Tensor
     diverged: tf.Tensor
+    sigma: Any = ()
 
 
 class WindowResult(NamedTuple):
@@ -73,6 +78,14 @@ class WindowResult(NamedTuple):
             strategy: only this replica's pairs.
         clipped_pairs: int32, valid pairs whose loss difference was clipped
             (``clip_outliers``).
+        sigma: With a learned sigma (``learn_sigma``), float32 ``[s]``: sigma after
+            this window's update, which the next draws use; else ``()``.
+        sigma_gradient: With a learned sigma, float32 ``[s]``: the estimate of the
+            gradient of the smoothed loss with respect to ``log sigma`` (mean over the
+            pairs counted); else ``()``.
+        pair_sigma_gradients: With a learned sigma, float32 ``[pairs, s]``: each pair's
+            own log-sigma estimate (zeros for pairs not counted; under a strategy, only
+            this replica's pairs); else ``()``.
     """
 
     gradient: tf.Tensor
@@ -82,3 +95,6 @@ class WindowResult(NamedTuple):
     diverged_pairs: tf.Tensor
     pair_gradients: tf.Tensor
     clipped_pairs: tf.Tensor
+    sigma: Any = ()
+    sigma_gradient: Any = ()
+    pair_sigma_gradients: Any = ()
