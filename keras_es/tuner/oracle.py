@@ -203,9 +203,14 @@ class ESOracle(keras_tuner.Oracle):
             self._search.estimator = self.estimator
 
     def trials_before_first_update(self) -> int:
-        """Trials the search runs before its first outer step: the staggered
-        start's burn-in (pairs joining one round at a time) and one full round."""
+        """Trials the search runs before its first outer step: one round."""
         return first_update_trials(self.estimator, self.num_particles)
+
+    @property
+    def steps_spent(self) -> int:
+        """Training steps (or epochs) the search's finished trials have run."""
+        done = sum(t.status == "COMPLETED" for t in self.trials.values())
+        return done * (self.truncation_length or self.horizon or 0)
 
     # ------------------------------------------------------------------ public views
     @property
@@ -258,6 +263,8 @@ class ESOracle(keras_tuner.Oracle):
     def populate_space(self, trial_id):
         if self._search is None:
             self._start()
+        if not _round_fits(self):
+            return {"status": trial_module.TrialStatus.STOPPED}
         values = self._search.assign(trial_id)
         if values is None:
             return {"status": trial_module.TrialStatus.IDLE}
@@ -329,12 +336,6 @@ class ESOracle(keras_tuner.Oracle):
         self._search = None if es is None else _resume(self, es)
 
     # ------------------------------------------------------------------ search state
-    def _config(self) -> dict:
-        return {"estimator": self.estimator_name, "num_particles": self.num_particles,
-                "sigma": self.sigma, "truncation_length": self.truncation_length,
-                "horizon": self.horizon, "meta_objective": self.meta_objective,
-                "stagger": self.stagger, "names": [hp.name for hp in self._tuned()]}
-
     def _tuned(self):
         """The hyperparameters theta covers, in search-space order (Fixed excluded)."""
         hps = [hp for hp in self.hyperparameters.space
@@ -359,7 +360,7 @@ class ESOracle(keras_tuner.Oracle):
         tuned = self._tuned()
         theta, held = _initial(tuned, self.per_episode)
         self._search = self._new_search()
-        self._search.start({**self._config(), "names": [hp.name for hp in tuned]}, theta, held)
+        self._search.start({**_config(self), "names": [hp.name for hp in tuned]}, theta, held)
 
     def _decode(self, theta, gumbel=None) -> dict:
         """theta -> plain Python values of the hyperparameters active for these values
@@ -368,9 +369,46 @@ class ESOracle(keras_tuner.Oracle):
         return kt_space.active_values(self.hyperparameters, decoded)
 
 
-
-
 # ---------------------------------------------------------------------- helpers
+def _config(oracle: ESOracle) -> dict:
+    return {"estimator": oracle.estimator_name, "num_particles": oracle.num_particles,
+            "sigma": oracle.sigma, "truncation_length": oracle.truncation_length,
+            "horizon": oracle.horizon, "meta_objective": oracle.meta_objective,
+            "stagger": oracle.stagger, "names": [hp.name for hp in oracle._tuned()]}
+
+
+def _round_fits(oracle: ESOracle) -> bool:
+    """Whether the next trial may be handed out: always within a round; a new round
+    only if ``max_trials`` leaves room for all of it (a cut-off round would spend
+    trials without an outer step). Says so once when the search stops early."""
+    search = oracle.search_state
+    if oracle.max_trials is None or search.es["round"]["trial_ids"]:
+        return True
+    size, left = search.round_size(), oracle.max_trials - len(oracle.trials)
+    if left >= size:
+        return True
+    if left > 0 and not getattr(oracle, "_told_stop", False):
+        oracle._told_stop = True
+        print(f"ESOracle: stopping after {search.es['outer_step']} outer steps: the "
+              f"{left} trials left of max_trials={oracle.max_trials} cannot complete a "
+              f"round of {size}.")
+    return False
+
+
+def tuned_hyperparameters(oracle: ESOracle) -> list:
+    """The keras-tuner hyperparameters ``oracle``'s theta covers, in order."""
+    return oracle._tuned()
+
+
+def start_values(oracle: ESOracle) -> dict:
+    """The values ``oracle``'s search starts from (its mean theta once it runs): the
+    tuned hyperparameters' defaults, ranges whose default is their minimum mid-range."""
+    if oracle.search_state is not None:
+        return oracle.mean_values()
+    theta, _ = kt_space.KerasTunerSpace(oracle._tuned()).start()
+    return oracle._decode(np.asarray(theta, np.float64))
+
+
 def _reassign(oracle: ESOracle, tuner_id):
     """Hands a trial that has not reported for ``reassign_after`` s to ``tuner_id``."""
     if (oracle.reassign_after is None or oracle.search_state is None
@@ -501,7 +539,7 @@ def _resume(oracle: ESOracle, es: dict) -> SearchState:
     if not isinstance(oracle._spec, estimators_lib.Estimator):
         oracle._settings.update({k: saved[k] for k in _ADOPTED if k not in oracle._settings})
     oracle._make_estimator()
-    _check_config(saved, oracle._config())
+    _check_config(saved, _config(oracle))
     upgrade(es)
     search = oracle._new_search(es)
     _check_dim(es["theta"], sum(kt_space.width(hp) for hp in oracle._tuned()))

@@ -79,6 +79,10 @@ class SearchState:
             "optimizer": [],
             "estimator": to_json(state),
             "burn_in": max(offsets),
+            # Rounds of the staggered start (fewer pairs active) are credited too: each
+            # active pair's window is an unbiased estimate, so every round moves theta.
+            # A search saved before this key existed left them uncredited.
+            "credit_burn_in": True,
             "wait": [max(offsets) - o for o in offsets],
             "round_index": 0,
             "outer_step": 0,
@@ -118,6 +122,17 @@ class SearchState:
         if r < self.es["burn_in"]:
             return [r >= w for w in self.es["wait"]]
         return [True] * self.num_pairs
+
+    def credited(self) -> bool:
+        """Whether this round's estimate updates theta (every round, but for the
+        staggered start of a search saved before its rounds were credited)."""
+        es = self.es
+        return es["round_index"] >= es["burn_in"] or bool(es.get("credit_burn_in", False))
+
+    def round_size(self, round_index: int | None = None) -> int:
+        """Trials in round ``round_index`` (default the current one)."""
+        return round_sizes(self.es["wait"], self.num_particles,
+                           self.es["round_index"] if round_index is None else round_index)
 
     def _state(self):
         template = self.estimator.init(self.num_pairs, len(self.es["theta"]))
@@ -163,7 +178,7 @@ class SearchState:
             "particle": i,
             "round": es["round_index"],
             "outer_step": es["outer_step"],
-            "credited": es["round_index"] >= es["burn_in"],
+            "credited": self.credited(),
             "episode": episode,
             "window": window,
             "checkpoint_in": record["checkpoint"] if window else "",
@@ -229,7 +244,7 @@ class SearchState:
         reported = np.zeros([self.num_particles], np.float32)
         for key, loss in plan["results"].items():
             reported[int(key)] = np.nan if loss is None else loss
-        credited = es["round_index"] >= es["burn_in"]
+        credited = self.credited()
         state, result, restarted = self._tell(reported, credited)
         if credited:
             self._outer_step(result)
@@ -295,12 +310,39 @@ class SearchState:
         })
 
 
-# ---------------------------------------------------------------------- JSON
-def first_update_trials(estimator: Estimator, num_particles: int) -> int:
-    """Trials a search runs before its first outer step: the staggered start's burn-in
-    (pairs joining one round at a time) and one full round."""
+# ---------------------------------------------------------------------- budget
+def start_waits(estimator: Estimator, num_particles: int) -> list[int]:
+    """Rounds each pair waits before its first trial (the staggered start)."""
     offsets = [int(v) for v in estimator.start_offsets(num_particles // 2).numpy()]
-    return sum(2 * o for o in offsets) + num_particles
+    return [max(offsets) - o for o in offsets]
+
+
+def round_sizes(waits: list[int], num_particles: int, round_index: int) -> int:
+    """Trials in round ``round_index``: both particles of every pair that has started."""
+    if round_index >= max(waits, default=0):
+        return num_particles
+    return 2 * sum(round_index >= w for w in waits)
+
+
+def plan_rounds(estimator: Estimator, num_particles: int, max_trials: int) -> list[int]:
+    """The sizes of the whole rounds that fit in ``max_trials`` trials, one outer step
+    each (a search stops before a round it cannot finish)."""
+    waits, sizes, total = start_waits(estimator, num_particles), [], 0
+    while True:
+        size = round_sizes(waits, num_particles, len(sizes))
+        if total + size > max_trials:
+            return sizes
+        sizes.append(size)
+        total += size
+
+
+def first_update_trials(estimator: Estimator, num_particles: int) -> int:
+    """Trials a search runs before its first outer step: its first round (during the
+    staggered start, the pairs that start first)."""
+    return round_sizes(start_waits(estimator, num_particles), num_particles, 0)
+
+
+# ---------------------------------------------------------------------- JSON
 
 
 def distributed() -> bool:

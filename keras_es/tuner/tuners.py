@@ -20,13 +20,14 @@ import keras_tuner
 import tensorflow as tf
 
 from keras_es import checks
-from keras_es.tuner import kt_space
-from keras_es.tuner.oracle import ESOracle
-from keras_es.tuner.search_state import PREFIX
+from keras_es.tuner import engine_rounds, kt_space
+from keras_es.tuner.oracle import ESOracle, start_values, tuned_hyperparameters
+from keras_es.tuner.search_state import PREFIX, distributed, plan_rounds
 
 # The only checkpoint names ESOracle plans; anything else read back is refused.
 _CHECKPOINT_NAME = re.compile(r"particle_\d{3,}/episode_\d{5,}_window_\d{5,}\.weights\.h5")
 _UNITS = ("steps", "epochs")
+_EXECUTIONS = ("auto", "engine", "per_trial")
 
 
 class ESTuner(keras_tuner.Tuner):
@@ -44,22 +45,42 @@ class ESTuner(keras_tuner.Tuner):
     a pair get the same initial weights and the same data order (common random
     numbers) through ``keras.utils.set_random_seed``.
 
+    On one machine, when the tuned hyperparameters only set values of the compiled
+    optimizer (learning rate, momentum, betas, weight decay, arguments of its
+    learning-rate schedule: `keras_es.tuner.engine_rounds.probe` checks by building
+    the hypermodel), a round's trials train together on the particle engine instead:
+    the round's first trial trains all N particles for K steps in one compiled window
+    (minibatches drawn with replacement from ``x``; the objective evaluated on all of
+    the validation data), the others report their particle's logs, and the
+    particles' states are saved per round under ``<project>/es_engine``. ``search``
+    prints which path it takes and why.
+
     Args:
         oracle: An `ESOracle`.
         hypermodel: A `keras_tuner.HyperModel` or a ``build(hp)`` function.
         idle_sleep: Seconds to wait after the oracle answers IDLE (round in progress
             elsewhere), doubled on each further IDLE up to ``max_idle_sleep``.
         max_idle_sleep: Longest wait between IDLE answers, in seconds.
+        execution: ``"auto"`` (default): the particle engine where the search allows it,
+            else one ``fit`` per trial; ``"engine"`` (refused, saying why, where it
+            cannot run); ``"per_trial"``. A search resumes on the path it started on.
         **kwargs: `keras_tuner.Tuner` arguments (``directory``, ``project_name``,
             ``overwrite``, ...).
     """
 
     def __init__(self, oracle: ESOracle, hypermodel=None, idle_sleep: float = 0.05,
-                 max_idle_sleep: float = 2.0, **kwargs):
+                 max_idle_sleep: float = 2.0, execution: str = "auto", **kwargs):
         if not isinstance(oracle, ESOracle):
             raise ValueError(f"oracle={oracle!r} is invalid; expected a keras_es.ESOracle.")
         checks.positive_float("idle_sleep", idle_sleep)
         checks.positive_float("max_idle_sleep", max_idle_sleep)
+        if execution not in _EXECUTIONS:
+            raise ValueError(f"execution={execution!r} is invalid; expected one of "
+                             f"{_EXECUTIONS}.")
+        self.execution = execution
+        #: The engine's rounds (`keras_es.tuner.engine_rounds.EngineRounds`) while a
+        #: search runs on the particle engine, else None.
+        self.engine = None
         self.idle_sleep = float(idle_sleep)
         self.max_idle_sleep = float(max_idle_sleep)
         self._asked = False
@@ -96,7 +117,15 @@ class ESTuner(keras_tuner.Tuner):
         oracle = self.oracle
         if isinstance(oracle, ESOracle):  # not on a distributed worker: the chief plans
             _plan_search(oracle, fit_args, fit_kwargs)
-        return super().search(*fit_args, **fit_kwargs)
+        self.engine = _engine_rounds(self, fit_args, fit_kwargs)
+        try:
+            return super().search(*fit_args, **fit_kwargs)
+        finally:
+            self.engine = None
+
+    @property
+    def engine_dir(self) -> str:
+        return os.path.join(self.project_dir, "es_engine")
 
     def _metadata(self, trial) -> dict:
         values = trial.hyperparameters.values
@@ -104,6 +133,7 @@ class ESTuner(keras_tuner.Tuner):
         if not meta and isinstance(self.oracle, ESOracle):
             meta = self.oracle.trial_metadata(trial.trial_id) or {}
         return meta
+
 
     def _path(self, relative) -> str:
         """The checkpoint file ``relative`` names, inside `checkpoint_dir`.
@@ -126,6 +156,9 @@ class ESTuner(keras_tuner.Tuner):
             raise keras_tuner.errors.FatalError(
                 "ESTuner got a trial without ESOracle's values; use it with keras_es.ESOracle.")
         _check_metadata(es)
+        self._check_execution()
+        if self.engine is not None:
+            return self._engine_trial(trial, es, kwargs.get("callbacks"))
         # Every path checked before any work.
         out = self._path(es["checkpoint_out"])
         source = self._path(es["checkpoint_in"]) if es["checkpoint_in"] else None
@@ -169,6 +202,28 @@ class ESTuner(keras_tuner.Tuner):
                     for k, v in logs.items()}
         return logs
 
+    def _check_execution(self) -> None:
+        """Marks the search with the path it runs on; refuses to switch mid-search (a
+        particle's training run continues from the other path's files)."""
+        oracle = self.oracle
+        if not isinstance(oracle, ESOracle) or oracle.search_state is None:
+            return  # a distributed worker: the chief's search runs per trial
+        es = oracle.search_state.es
+        mode = "engine" if self.engine is not None else "per_trial"
+        saved = es.setdefault("execution", mode)
+        if saved != mode:
+            raise keras_tuner.errors.FatalError(
+                f"This search ran its trials on the {saved} path and cannot continue on "
+                f"the {mode} path (its particles' training runs live in that path's files)"
+                "; resume it as it was started, or start over with overwrite=True.")
+
+    def _engine_trial(self, trial, es: dict, callbacks) -> dict:
+        logs = self.engine.trial_logs(es["round"], es["particle"])
+        for callback in callbacks or ():
+            if isinstance(callback, keras.callbacks.TensorBoard):
+                _write_tensorboard(callback.log_dir, trial.trial_id, logs)
+        return logs
+
     @staticmethod
     def _restore(model: keras.Model, path: str) -> None:
         optimizer = model.optimizer
@@ -195,7 +250,10 @@ class ESTuner(keras_tuner.Tuner):
 
     def load_model(self, trial):
         """The model of a particle trial, with the weights that trial saved."""
-        relative = self._metadata(trial).get("checkpoint_out")
+        meta = self._metadata(trial)
+        if self._ran_on_engine() and meta.get("checkpoint_out"):
+            return self._load_engine_model(trial, meta)
+        relative = meta.get("checkpoint_out")
         if not relative:
             raise ValueError(
                 f"Trial {trial.trial_id!r} has no trained weights: the mean theta is never "
@@ -211,12 +269,38 @@ class ESTuner(keras_tuner.Tuner):
         self._restore(model, path)
         return model
 
+    def _ran_on_engine(self) -> bool:
+        oracle = self.oracle
+        return (isinstance(oracle, ESOracle) and oracle.search_state is not None
+                and oracle.search_state.es.get("execution") == "engine")
+
+    def _round_file(self, meta: dict) -> str:
+        return os.path.join(self.engine_dir, f"round_{int(meta['round']):05d}.npz")
+
+    def _load_engine_model(self, trial, meta: dict) -> keras.Model:
+        path = self._round_file(meta)
+        if not os.path.exists(path):
+            raise ValueError(
+                f"Trial {trial.trial_id!r}'s particle states ({path}) were deleted: the "
+                "engine keeps the last round's and the best trial's round.")
+        keras.backend.clear_session(free_memory=False)
+        model = self.hypermodel.build(trial.hyperparameters)
+        engine_rounds.load_particle(path, model, int(meta["particle"]))
+        return model
+
+    def _has_weights(self, meta: dict) -> bool:
+        relative = meta.get("checkpoint_out")
+        if not relative:
+            return False
+        if self._ran_on_engine():
+            return os.path.exists(self._round_file(meta))
+        return os.path.exists(self._path(relative))
+
     def get_best_models(self, num_models=1):
-        """The best particle models whose checkpoints are still on disk, best first."""
+        """The best particle models whose weights are still on disk, best first."""
         models = []
         for trial in self.oracle.get_best_particle_trials(len(self.oracle.trials)):
-            relative = self._metadata(trial).get("checkpoint_out")
-            if relative and os.path.exists(self._path(relative)):
+            if self._has_weights(self._metadata(trial)):
                 models.append(self.load_model(trial))
             if len(models) == num_models:
                 break
@@ -224,42 +308,7 @@ class ESTuner(keras_tuner.Tuner):
 
     def results_summary(self, num_trials=10):
         """Prints the learned mean theta, the outer-step trajectory and the best trials."""
-        oracle = self.oracle
-        print("Results summary")
-        print(f"Results in {self.project_dir}")
-        print(f"{oracle.objective}")
-        if not isinstance(oracle, ESOracle) or oracle.search_state is None:
-            print("No outer step yet.")
-            return
-        es = oracle.search_state.es
-        print(f"ES: {oracle.estimator_name}, {oracle.num_particles} particles, "
-              f"sigma={oracle.sigma}, K={oracle.truncation_length} {oracle.unit}, "
-              f"T={oracle.horizon} {oracle.unit}, meta-objective {oracle.meta_objective}")
-        print(f"{es['outer_step']} outer steps over {es['round_index']} rounds "
-              f"({es['burn_in']} burn-in); {len(oracle.trials)} trials")
-        print()
-        print("Mean theta (get_best_hyperparameters()[0]):")
-        tuned = set(es["config"]["names"])
-        for name, value in oracle.mean_values().items():
-            note = "" if name in tuned else "  (not tuned: its default)"
-            print(f"  {name}: {kt_space.format_value(value)}{note}")
-        history = oracle.history
-        if history:
-            print()
-            print(f"Trajectory (outer step: mean {oracle.objective.name} of the round):")
-            shown = history if len(history) <= 10 else history[:3] + [None] + history[-6:]
-            for entry in shown:
-                if entry is None:
-                    print("  ...")
-                    continue
-                value = entry[oracle.objective.name]
-                print(f"  {entry['outer_step']:5d}: {kt_space.format_value(value)}  "
-                      f"(valid pairs {entry['valid_pairs']})")
-        print()
-        print(f"Showing {num_trials} best particle trials")
-        for trial in oracle.get_best_particle_trials(num_trials):
-            print()
-            trial.summary()
+        _print_summary(self, num_trials)
 
 
 class ESSearch(ESTuner):
@@ -317,6 +366,77 @@ class ESSearch(ESTuner):
 
 
 # ---------------------------------------------------------------------- helpers
+def _engine_rounds(tuner: ESTuner, fit_args, fit_kwargs):
+    """`EngineRounds` for this search, or None (per-trial path), saying which."""
+    oracle = tuner.oracle
+    saved = oracle.search_state.es.get("execution") if (
+        isinstance(oracle, ESOracle) and oracle.search_state is not None) else None
+    wanted = saved or tuner.execution
+    if wanted == "per_trial" or not isinstance(oracle, ESOracle):
+        return None
+    try:
+        if distributed():
+            raise engine_rounds.NotOnEngine("keras-tuner runs distributed")
+        if oracle.unit != "steps" or oracle.full_unroll:
+            raise engine_rounds.NotOnEngine("trials train whole epochs or training runs")
+        train, validation, batch_size = engine_rounds.fit_data(fit_args, fit_kwargs)
+        model, mapping = engine_rounds.probe(
+            tuner.hypermodel, oracle.hyperparameters, tuned_hyperparameters(oracle),
+            start_values(oracle))
+        rounds = engine_rounds.EngineRounds(oracle, tuner.engine_dir, model, mapping, train,
+                                            validation, batch_size, oracle.objective.name)
+    except engine_rounds.NotOnEngine as reason:
+        if wanted == "engine":
+            raise ValueError(f"execution='engine' cannot run this search: {reason}. "
+                             "Use execution='auto' or 'per_trial'.") from None
+        print(f"ESSearch: each trial trains its own model with fit ({reason}).")
+        return None
+    shown = ", ".join(f"{h} -> {k}" for h, k in rounds.mapping.items())
+    print(f"ESSearch: each round's {oracle.num_particles} particles train together on "
+          f"the particle engine ({shown}).")
+    return rounds
+
+
+def _print_summary(tuner: ESTuner, num_trials: int) -> None:
+    """`ESTuner.results_summary`."""
+    oracle = tuner.oracle
+    print("Results summary")
+    print(f"Results in {tuner.project_dir}")
+    print(f"{oracle.objective}")
+    if not isinstance(oracle, ESOracle) or oracle.search_state is None:
+        print("No outer step yet.")
+        return
+    es = oracle.search_state.es
+    print(f"ES: {oracle.estimator_name}, {oracle.num_particles} particles, "
+          f"sigma={oracle.sigma}, K={oracle.truncation_length} {oracle.unit}, "
+          f"T={oracle.horizon} {oracle.unit}, meta-objective {oracle.meta_objective}")
+    print(f"{es['outer_step']} outer steps over {es['round_index']} rounds; "
+          f"{len(oracle.trials)} trials, {oracle.steps_spent} {oracle.unit} of training")
+    print()
+    print("Mean theta (get_best_hyperparameters()[0]):")
+    tuned = set(es["config"]["names"])
+    for name, value in oracle.mean_values().items():
+        note = "" if name in tuned else "  (not tuned: its default)"
+        print(f"  {name}: {kt_space.format_value(value)}{note}")
+    history = oracle.history
+    if history:
+        print()
+        print(f"Trajectory (outer step: mean {oracle.objective.name} of the round):")
+        shown = history if len(history) <= 10 else history[:3] + [None] + history[-6:]
+        for entry in shown:
+            if entry is None:
+                print("  ...")
+                continue
+            value = entry[oracle.objective.name]
+            print(f"  {entry['outer_step']:5d}: {kt_space.format_value(value)}  "
+                  f"(valid pairs {entry['valid_pairs']})")
+    print()
+    print(f"Showing {num_trials} best particle trials")
+    for trial in oracle.get_best_particle_trials(num_trials):
+        print()
+        trial.summary()
+
+
 def _steps_per_epoch(fit_args, fit_kwargs) -> int | None:
     """Batches in one epoch of ``fit``'s training data, or None if it cannot tell."""
     if fit_kwargs.get("steps_per_epoch"):
@@ -376,21 +496,28 @@ def _plan_search(oracle: ESOracle, fit_args, fit_kwargs) -> None:
 
 
 def _check_budget(oracle: ESOracle) -> None:
-    """Refuses a ``max_trials`` too small for one outer step; prints the plan."""
+    """Refuses a ``max_trials`` too small for one outer step; prints the plan: the
+    outer steps ``max_trials`` buys and the training steps they spend."""
     first = oracle.trials_before_first_update()
     length, unit, particles = oracle.truncation_length, oracle.unit, oracle.num_particles
     if oracle.max_trials < first:
         raise ValueError(
             f"max_trials={oracle.max_trials} is too small: each trial trains one particle "
-            f"for {length} {unit}, and the first outer step needs {first} trials "
-            f"({particles} particles, plus the staggered start's burn-in). Pass "
-            f"max_trials >= {first} (one more outer step per {particles} trials), "
-            "fewer num_particles, or stagger=False.")
-    steps = (oracle.max_trials - first) // particles + 1
-    print(f"ESSearch: {particles} particles, training runs of {oracle.horizon} "
-          f"{unit}, {length} {unit} per trial: the first outer step after {first} trials, "
-          f"then one every {particles}; max_trials={oracle.max_trials} gives "
-          f"{steps} outer step{'s' if steps != 1 else ''}.")
+            f"for {length} {unit}, and the first outer step needs {first} trials (a round "
+            f"of the pairs that start first). Pass max_trials >= {first} (one more outer "
+            f"step per {particles} trials), or fewer num_particles.")
+    sizes = plan_rounds(oracle.estimator, particles, oracle.max_trials)
+    used, steps = sum(sizes), len(sizes)
+    short = sum(s < particles for s in sizes)
+    staggered = (f" ({short} round{'s' if short != 1 else ''} of the staggered start with "
+                 "fewer pairs)" if short else "")
+    unused = (f"; the last {oracle.max_trials - used} cannot complete a round and are not "
+              "run" if used < oracle.max_trials else "")
+    print(f"ESSearch: {particles} particles, training runs of {oracle.horizon} {unit}, "
+          f"{length} {unit} per trial, one outer step per round of trials{staggered}: "
+          f"max_trials={oracle.max_trials} gives {steps} outer step"
+          f"{'s' if steps != 1 else ''} from {used} trials ({used * length} {unit} of "
+          f"training){unused}.")
 
 
 _METADATA_TYPES = {"init_seed": int, "data_seed": int, "truncation_length": int, "unit": str,
@@ -409,6 +536,22 @@ def _check_metadata(meta: dict) -> None:
         raise keras_tuner.errors.FatalError(
             f"Refusing the trial's unit={meta['unit']!r} / truncation_length="
             f"{meta['truncation_length']!r} from the search state.")
+
+
+def _write_tensorboard(log_dir: str, trial_id: str, logs: dict) -> None:
+    """A trial's logs where Keras's TensorBoard callback writes a fit's epoch logs
+    (``<log_dir>/<trial id>/train`` and ``/validation``), for a trial that ran on the
+    engine, where no fit calls the callback."""
+    for split, prefix in (("train", ""), ("validation", "val_")):
+        values = {k[len(prefix):]: v for k, v in logs.items()
+                  if (k.startswith("val_") if prefix else not k.startswith("val_"))}
+        if not values:
+            continue
+        writer = tf.summary.create_file_writer(os.path.join(str(log_dir), trial_id, split))
+        with writer.as_default():
+            for name, value in values.items():
+                tf.summary.scalar(f"epoch_{name}", value, step=0)
+        writer.close()
 
 
 def _build_config_path(checkpoint: str) -> str:

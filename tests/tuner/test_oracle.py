@@ -282,7 +282,8 @@ def test_trials_continue_particles_with_their_optimizer_state(tmp_path):
         assert m.get_last_value("start_iteration") == 3 * v[PREFIX + "window"]
         assert m.get_last_value("start_lr") == pytest.approx(v["lr"], rel=1e-6)
         assert (m.get_last_value("start_velocity") > 0) == (v[PREFIX + "window"] > 0)
-    assert tuner.oracle._es["outer_step"] == 3
+    # One outer step per round: the staggered start's round of 2 trials, then 3 of 4.
+    assert tuner.oracle._es["outer_step"] == 4
     best = tuner.get_best_hyperparameters()[0].values
     assert best == tuner.oracle.mean_values() and PREFIX + "particle" not in best
     models = tuner.get_best_models(1)
@@ -334,12 +335,12 @@ def test_killed_search_resumes_without_losing_particles_or_steps(tmp_path):
     assert first.returncode == -signal.SIGKILL
     second = _run(str(crashed), "--kill-after-trial", "3")  # after a checkpoint, unreported
     assert second.returncode == -signal.SIGKILL
-    assert _state(str(crashed))["es"]["outer_step"] < 3
+    assert _state(str(crashed))["es"]["outer_step"] < 4
     third = _run(str(crashed))
     assert third.returncode == 0
     assert ref.wait(timeout=600) == 0
     done, expected = _state(str(crashed))["es"], _state(str(reference))["es"]
-    assert done["outer_step"] == expected["outer_step"] == 3
+    assert done["outer_step"] == expected["outer_step"] == 4
     assert done["round_index"] == expected["round_index"]
     # Every particle window ran exactly as in the uninterrupted run.
     assert done["estimator"][:4] == expected["estimator"][:4]  # episode counters/steps
@@ -373,7 +374,7 @@ def test_distributed_chief_and_two_workers_survive_a_killed_worker(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     state = _state(directory)
-    assert state["es"]["outer_step"] == 3
+    assert state["es"]["outer_step"] == 4  # the staggered start's round, then 3 full ones
     trials = [json.load(open(os.path.join(directory, "search", d, "trial.json")))
               for d in sorted(os.listdir(os.path.join(directory, "search")))
               if d.startswith("trial_")]

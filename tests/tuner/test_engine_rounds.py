@@ -1,0 +1,181 @@
+"""ESSearch on the particle engine (`keras_es.tuner.engine_rounds`) and the search's
+budget: one outer step per round, rounds never cut off."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+from test_oracle import _oracle, _run, _run_round, _state
+
+import keras_es
+from keras_es.tuner import engine_rounds, search_state
+
+
+def _data(rows=160):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 6)).astype("float32")
+    y = (x[:, 0] - x[:, 1] > 0).astype("int32")
+    return x[:128], y[:128], x[128:], y[128:]
+
+
+def build_sgd(hp):
+    """keras-tuner's usual form: the optimizer's values from hp, nothing else."""
+    model = keras.Sequential([keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(
+        learning_rate=hp.Float("learning_rate", 1e-3, 0.5, sampling="log", default=0.05),
+        momentum=hp.Float("momentum", 0.0, 0.95, default=0.5)),
+        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def build_units(hp):
+    model = keras.Sequential([keras.layers.Dense(hp.Int("units", 4, 16, step=4),
+                                                 activation="relu"),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(hp.Float("lr", 1e-4, 1e-1, sampling="log")),
+                  loss="sparse_categorical_crossentropy")
+    return model
+
+
+def _search(tmp_path, build=build_sgd, name="p", **kwargs):
+    args = dict(objective="val_loss", max_trials=12, num_particles=4, sigma=0.3,
+                truncation_length=5, horizon=10, seed=3, stagger=False,
+                directory=str(tmp_path), project_name=name)
+    args.update(kwargs)
+    return keras_es.ESSearch(build, **args)
+
+
+def test_probe_maps_optimizer_values_and_refuses_what_changes_the_model():
+    hp = kt.HyperParameters()
+    build_sgd(hp)
+    model, mapping = engine_rounds.probe(_Wrapped(build_sgd), hp, hp.space, hp.values)
+    assert mapping == {"learning_rate": "learning_rate", "momentum": "momentum"}
+    assert isinstance(model, keras.Model)
+    hp = kt.HyperParameters()
+    build_units(hp)
+    with pytest.raises(engine_rounds.NotOnEngine, match="'units' changes the model"):
+        engine_rounds.probe(_Wrapped(build_units), hp, hp.space, hp.values)
+
+
+class _Wrapped(kt.HyperModel):
+    def __init__(self, build=build_sgd):
+        super().__init__()
+        self._build = build
+
+    def build(self, hp):
+        return self._build(hp)
+
+
+@pytest.mark.slow
+def test_a_search_of_optimizer_values_runs_on_the_engine(tmp_path, capsys):
+    x, y, xv, yv = _data()
+    tuner = _search(tmp_path)
+    tuner.search(x, y, validation_data=(xv, yv), batch_size=16, verbose=0)
+    out = capsys.readouterr().out
+    assert "train together on the particle engine (learning_rate -> learning_rate, " \
+           "momentum -> momentum)" in out
+    oracle = tuner.oracle
+    assert oracle.search_state.es["execution"] == "engine"
+    trials = list(oracle.trials.values())
+    assert len(trials) == 12 and all(t.status == "COMPLETED" for t in trials)
+    assert len(oracle.history) == 3 and oracle.steps_spent == 60
+    # A trial's report is its particle's model: the loaded weights give the same
+    # validation loss and accuracy.
+    best = oracle.get_best_particle_trials(1)[0]
+    model = tuner.load_model(best)
+    loss, accuracy = model.evaluate(xv, yv, verbose=0)
+    assert loss == pytest.approx(best.metrics.get_last_value("val_loss"), rel=1e-5)
+    assert accuracy == pytest.approx(best.metrics.get_last_value("val_accuracy"), abs=1e-6)
+    assert len(tuner.get_best_models(2)) == 2
+    tuner.results_summary(1)
+    assert "60 steps of training" in capsys.readouterr().out
+    # Only the last round's states and the best trial's round are kept.
+    files = sorted(os.listdir(tuner.engine_dir))
+    assert "round_00002.npz" in files and len(files) <= 2
+
+
+@pytest.mark.slow
+def test_shape_changing_hyperparameters_keep_the_per_trial_path(tmp_path, capsys):
+    x, y, xv, yv = _data()
+    tuner = _search(tmp_path, build=build_units, max_trials=4, horizon=5)
+    tuner.search(x, y, validation_data=(xv, yv), batch_size=16, verbose=0)
+    assert "each trial trains its own model with fit ('units' changes the model" in \
+        capsys.readouterr().out
+    assert tuner.oracle.search_state.es["execution"] == "per_trial"
+    with pytest.raises(ValueError, match="execution='engine' cannot run this search: 'units'"):
+        _search(tmp_path, build=build_units, name="q", execution="engine").search(
+            x, y, validation_data=(xv, yv), batch_size=16, verbose=0)
+
+
+def test_execution_is_checked():
+    with pytest.raises(ValueError, match="execution='gpu' is invalid"):
+        keras_es.ESSearch(build_sgd, objective="val_loss", max_trials=4, execution="gpu",
+                          directory="/tmp/unused_es", project_name="x")
+
+
+def test_fit_data_refuses_what_the_engine_does_not_apply():
+    x, y, xv, yv = _data()
+    with pytest.raises(engine_rounds.NotOnEngine, match="class_weight"):
+        engine_rounds.fit_data((x, y), {"class_weight": {0: 1.0, 1: 2.0}})
+    train, validation, batch = engine_rounds.fit_data((x, y), {"validation_split": 0.25})
+    assert train[0].shape[0] == 96 and validation[0].shape[0] == 32 and batch == 32
+
+
+# ---------------------------------------------------------------------- budget
+def test_rounds_of_the_staggered_start_are_credited_and_never_cut_off():
+    est = keras_es.es_single(0.1, 1, horizon=4)  # in trials: 4 windows per training run
+    waits = search_state.start_waits(est, 8)
+    assert sorted(waits) == [0, 1, 2, 3]
+    # Pairs join one per round: 2, 4, 6 then 8 trials, each round one outer step.
+    assert search_state.plan_rounds(est, 8, 27) == [2, 4, 6, 8]
+    assert search_state.plan_rounds(est, 8, 20) == [2, 4, 6, 8]
+    assert search_state.first_update_trials(est, 8) == 2
+
+
+def test_max_trials_stops_at_a_round_boundary(capsys):
+
+    oracle = _oracle(max_trials=9, stagger=True)  # 4 particles, 4 windows per run
+    sizes = []
+    while True:
+        trials = _run_round(oracle, lambda values: 1.0)
+        if not trials:
+            break
+        sizes.append(len(trials))
+    planned = search_state.plan_rounds(oracle.estimator, 4, 9)
+    assert sizes == planned and planned[0] == 2 and sum(planned) < 9
+    assert len(oracle.history) == len(planned)  # every round moved theta
+    assert oracle.history[0]["valid_pairs"] == 1  # the pair that starts first
+    left = 9 - sum(planned)
+    assert (f"stopping after {len(planned)} outer steps: the {left} trials left of "
+            "max_trials=9 cannot complete a round of 4") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_killed_engine_search_resumes_exactly(tmp_path):
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    reference.mkdir()
+    crashed.mkdir()
+    ref = _run(str(reference), "--engine", wait=False)
+    # Killed after the first trial of round 1 trained the round and saved its states,
+    # before its result reached the oracle.
+    first = _run(str(crashed), "--engine", "--kill-after-trial", "3")
+    assert first.returncode == -signal.SIGKILL
+    files = os.listdir(crashed / "search" / "es_engine")
+    assert "round_00001.npz" in files
+    second = _run(str(crashed), "--engine")
+    assert second.returncode == 0, open(second.log).read()[-2000:]
+    assert ref.wait(timeout=600) == 0
+    done, expected = _state(str(crashed))["es"], _state(str(reference))["es"]
+    assert done["execution"] == expected["execution"] == "engine"
+    assert done["outer_step"] == expected["outer_step"] == 4
+    assert done["theta"] == expected["theta"]
+    assert [h["val_loss"] for h in done["history"]] == \
+        [h["val_loss"] for h in expected["history"]]
+    assert [h["gradient"] for h in done["history"]] == \
+        [h["gradient"] for h in expected["history"]]
