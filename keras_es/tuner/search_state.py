@@ -62,6 +62,7 @@ class SearchState:
         self.objective_name, self.direction = objective
         self.es = es
         self._theta_variable = None  # what outer_optimizer updates (value kept in es)
+        self._gumbels = {}  # (pair, episode) -> Gumbel noise, drawn once each
 
     @property
     def num_pairs(self) -> int:
@@ -150,7 +151,10 @@ class SearchState:
         es["estimator"], es["estimator_asked"] = to_json(state), True
         thetas = thetas.numpy().astype(np.float64)
         episode, episode_step = state.episode.numpy(), state.episode_step.numpy()
-        steps = state.steps.numpy()
+        pairs = np.arange(self.num_pairs)
+        # Every pair's seeds in one call each (twins share them).
+        seeds = (_int_seeds(self.seed, noise_lib.STREAM_EPISODE, pairs, episode),
+                 _int_seeds(self.seed, noise_lib.STREAM_STEP, pairs, state.steps.numpy()))
         particles, values, meta = [], {}, {}
         for i in range(self.num_particles):
             p = i // 2
@@ -162,7 +166,7 @@ class SearchState:
                 record["held"] = {n: decoded[n] for n in es["per_episode"] if n in decoded}
             decoded.update({n: v for n, v in record["held"].items() if n in decoded})
             meta[str(i)] = self._metadata(i, int(episode[p]), int(episode_step[p]),
-                                          int(steps[p]))
+                                          seeds[0][p], seeds[1][p])
             if distributed():
                 # Workers learn a trial only through its values (keras-tuner's gRPC).
                 decoded.update({PREFIX + k: v for k, v in meta[str(i)].items()})
@@ -171,8 +175,9 @@ class SearchState:
         es["round"] = {"particles": particles, "values": values, "meta": meta,
                        "trial_ids": {}, "assigned_at": {}, "results": {}}
 
-    def _metadata(self, i: int, episode: int, window: int, steps: int) -> dict:
-        es, p = self.es, i // 2
+    def _metadata(self, i: int, episode: int, window: int, init_seed: int,
+                  data_seed: int) -> dict:
+        es = self.es
         record = es["particles"][i]
         return {
             "particle": i,
@@ -185,20 +190,26 @@ class SearchState:
             "checkpoint_out": (f"particle_{i:03d}/episode_{episode:05d}_"
                                f"window_{window + 1:05d}.weights.h5"),
             "checkpoint_stale": record["previous"],
-            "init_seed": _int_seed(self.seed, noise_lib.STREAM_EPISODE, p, episode),
-            "data_seed": _int_seed(self.seed, noise_lib.STREAM_STEP, p, steps),
+            "init_seed": init_seed,
+            "data_seed": data_seed,
             "truncation_length": self.truncation_length,
             "unit": self.unit,
         }
 
     def _gumbel(self, pair: int, episode: int) -> np.ndarray:
         """Gumbel noise ``[dim]`` for pair ``pair``'s inner problem ``episode``: twins
-        share it (common random numbers), and it is redrawn when the episode restarts."""
-        key = noise_lib.pair_seeds(self.seed, noise_lib.STREAM_CHOICE, tf.constant([pair]),
-                                   tf.constant([episode]))[0]
-        u = tf.random.stateless_uniform([len(self.es["theta"])], key, 1e-7,
-                                        1.0 - 1e-7).numpy()
-        return -np.log(-np.log(u.astype(np.float64)))
+        share it (common random numbers), and it is redrawn when the episode restarts
+        (drawn once per pair and episode, then kept in memory)."""
+        cache = self._gumbels
+        if (pair, episode) not in cache:
+            key = noise_lib.pair_seeds(self.seed, noise_lib.STREAM_CHOICE,
+                                       tf.constant([pair]), tf.constant([episode]))[0]
+            u = tf.random.stateless_uniform([len(self.es["theta"])], key, 1e-7,
+                                            1.0 - 1e-7).numpy()
+            if len(cache) > 4 * self.num_particles:
+                cache.clear()
+            cache[(pair, episode)] = -np.log(-np.log(u.astype(np.float64)))
+        return cache[(pair, episode)]
 
     def assign(self, trial_id: str) -> dict | None:
         """Hands the next unassigned particle of the round to ``trial_id``: its values,
@@ -360,11 +371,12 @@ def optimizer_to_json(optimizer) -> list:
     return [np.asarray(v.numpy()).tolist() for v in optimizer.variables]
 
 
-def _int_seed(seed: int, stream: int, pair: int, counter: int) -> int:
-    """A Python int seed for ``keras.utils.set_random_seed`` from keras_es's noise keys."""
-    key = noise_lib.pair_seeds(seed, stream, tf.constant([pair]), tf.constant([counter]))
-    a, b = (int(v) & 0xFFFF for v in key.numpy()[0])
-    return (a << 15 ^ b) % (2 ** 31 - 1)
+def _int_seeds(seed: int, stream: int, pairs, counters) -> list[int]:
+    """Python int seeds (for ``keras.utils.set_random_seed``), one per pair, from
+    keras_es's noise keys."""
+    keys = noise_lib.pair_seeds(seed, stream, tf.constant(pairs, tf.int32),
+                                tf.constant(counters, tf.int32)).numpy()
+    return [((int(a) & 0xFFFF) << 15 ^ (int(b) & 0xFFFF)) % (2 ** 31 - 1) for a, b in keys]
 
 
 def _finite_numbers(value) -> bool:

@@ -175,6 +175,7 @@ class ESTuner(keras_tuner.Tuner):
         keras.utils.set_random_seed(es["data_seed"])
         kwargs = dict(kwargs)
         if es["unit"] == "steps":
+            args, kwargs = _repeated(args, kwargs, es["truncation_length"], es["data_seed"])
             kwargs["epochs"] = 1
             kwargs["steps_per_epoch"] = es["truncation_length"]
         else:
@@ -461,6 +462,25 @@ def _steps_per_epoch(fit_args, fit_kwargs) -> int | None:
     split = fit_kwargs.get("validation_split") or 0.0
     rows = int(math.floor(rows * (1.0 - split)))
     return max(1, math.ceil(rows / (batch_size or 32)))
+
+
+def _repeated(args: tuple, kwargs: dict, length: int, seed: int) -> tuple[tuple, dict]:
+    """``fit``'s arguments for a trial of ``length`` steps: arrays with fewer batches
+    than that become a shuffled, repeated ``tf.data.Dataset`` (Keras stops an epoch of
+    arrays when they run out, so the trial would train fewer steps than planned)."""
+    per_epoch = _steps_per_epoch(args, kwargs)
+    if per_epoch is None or per_epoch >= length or kwargs.get("validation_split"):
+        return args, kwargs
+    kwargs = dict(kwargs)
+    x = args[0] if args else kwargs.pop("x", None)
+    y = args[1] if len(args) > 1 else kwargs.pop("y", None)
+    if (len(args) > 2 or y is None or isinstance(x, dict) or not hasattr(x, "shape")
+            or kwargs.get("sample_weight") is not None):
+        return args, kwargs  # not plain arrays: fit's own handling
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+    data = data.batch(kwargs.pop("batch_size", None) or 32).repeat()
+    kwargs["shuffle"] = False  # the dataset is shuffled; fit would warn otherwise
+    return (data,), kwargs
 
 
 def _plan_search(oracle: ESOracle, fit_args, fit_kwargs) -> None:
