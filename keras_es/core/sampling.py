@@ -139,6 +139,17 @@ class LearnedSigma:
     On a convex loss the smoothed loss only grows with sigma, so sigma shrinks towards
     ``min_sigma``; it grows where the loss is concave along a coordinate.
 
+    Example:
+
+    ```python
+    import keras_es
+    from keras_es.estimators import LearnedSigma
+
+    est = keras_es.pes(0.1, 10, horizon=100, learn_sigma=LearnedSigma(learning_rate=0.02))
+    state = est.init(num_pairs=4, dim=2)
+    assert state.sampler.log_sigma.shape == (2,)  # one sigma per hyperparameter
+    ```
+
     Args:
         learning_rate: Adam step size on ``log sigma`` per window (0: estimate the
             gradient, leave sigma where it is).
