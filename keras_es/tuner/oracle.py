@@ -371,10 +371,14 @@ class ESOracle(keras_tuner.Oracle):
 
 # ---------------------------------------------------------------------- helpers
 def _config(oracle: ESOracle) -> dict:
+    est = oracle.estimator
+    learned = None if est is None or est.learn_sigma is None else repr(est.learn_sigma)
     return {"estimator": oracle.estimator_name, "num_particles": oracle.num_particles,
             "sigma": oracle.sigma, "truncation_length": oracle.truncation_length,
             "horizon": oracle.horizon, "meta_objective": oracle.meta_objective,
-            "stagger": oracle.stagger, "names": [hp.name for hp in oracle._tuned()]}
+            "stagger": oracle.stagger, "names": [hp.name for hp in oracle._tuned()],
+            "fitness_shaping": None if est is None else est.fitness_shaping,
+            "learn_sigma": learned}
 
 
 def _round_fits(oracle: ESOracle) -> bool:
@@ -562,8 +566,9 @@ def _check_horizon(oracle: ESOracle, horizon) -> None:
 
 def _check_config(saved: dict, current: dict) -> None:
     for key in ("estimator", "num_particles", "sigma", "truncation_length", "horizon",
-                "meta_objective", "stagger"):
-        if saved[key] != current[key]:
+                "meta_objective", "stagger", "fitness_shaping", "learn_sigma"):
+        # A search saved before an option existed ran without it.
+        if saved.get(key) != current[key]:
             raise ValueError(
                 f"{key}={current[key]!r} does not match the saved search's "
                 f"{key}={saved[key]!r}; resume with the same settings or overwrite=True.")

@@ -14,6 +14,7 @@ from test_oracle import _oracle, _run, _run_round, _state
 
 import keras_es
 from keras_es.tuner import engine_rounds, search_state
+from keras_es.tuner import oracle as oracle_module
 
 
 def _data(rows=160):
@@ -179,3 +180,18 @@ def test_a_killed_engine_search_resumes_exactly(tmp_path):
         [h["val_loss"] for h in expected["history"]]
     assert [h["gradient"] for h in done["history"]] == \
         [h["gradient"] for h in expected["history"]]
+
+
+def test_a_search_resumes_only_with_the_same_estimator_options(tmp_path):
+    est = keras_es.es_single(0.3, 5, horizon=20, fitness_shaping="rank", stagger=False)
+    first = _oracle(estimator=est, sigma=None, truncation_length=None, horizon=None,
+                    stagger=None)
+    _run_round(first, lambda values: 1.0)
+    saved = first.search_state.es["config"]
+    second = _oracle(sigma=0.3)
+    with pytest.raises(ValueError, match="fitness_shaping=None does not match the saved "
+                                         "search's fitness_shaping='rank'"):
+        oracle_module._resume(second, first.search_state.es)
+    # A search saved before the options existed ran without them.
+    old = {k: v for k, v in saved.items() if k not in ("fitness_shaping", "learn_sigma")}
+    oracle_module._check_config(old, {**old, "fitness_shaping": None, "learn_sigma": None})
