@@ -1,11 +1,12 @@
 """Meta-train a small learned optimizer with ES-Single and PES, and compare it with Adam.
 
 The learned optimizer (the ES-Single paper's learned-optimizer task, at a size that
-runs on two CPU cores) is a per-parameter MLP: for every weight ``w`` of an inner MLP
-classifier it reads three features, the gradient and the momentum normalized by the
-root of the second moment (as Adam normalizes them) and the weight itself, and outputs
-the update ``-OUTPUT_SCALE * MLP(features)``. Its weights (3 -> 16 -> 1: 81 of them)
-are theta; the inner problem (`LearnedOptimizerSystem`, a `keras_es.UnrolledSystem`) is
+runs on two CPU cores) is a per-parameter MLP: for every weight of an inner MLP
+classifier it reads two features, the gradient and the momentum, both divided by the
+root of the second moment (as Adam normalizes them), and outputs the update
+``-OUTPUT_SCALE * (MLP(features) - MLP(-features))``. The MLP's weights (2 -> 16 -> 1,
+64 of them) are theta;
+the inner problem (`LearnedOptimizerSystem`, a `keras_es.UnrolledSystem`) is
 training the classifier for ``horizon`` steps from a fresh initialization, and the
 meta-objective is the sum of its minibatch training losses. ES-Single and PES estimate
 the meta-gradient from truncated windows of K = 10 steps; the outer optimizer is Adam.
@@ -49,7 +50,7 @@ OUTPUT_SCALE = 0.01
 #: Per-step losses are capped here (a diverged run counts as this loss), so the
 #: meta-objective stays bounded.
 LOSS_CAP = 10.0
-FEATURES = 3
+FEATURES = 2
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 SETTINGS = {
@@ -160,9 +161,14 @@ class InnerTraining(UnrolledSystem):
 class LearnedOptimizerSystem(InnerTraining):
     """Inner training whose update rule is a per-parameter MLP with weights theta.
 
-    Features per weight: ``g / (sqrt(v_hat) + 1e-8)``, ``m_hat / (sqrt(v_hat) + 1e-8)``
-    and the weight; one hidden ReLU layer of ``optimizer_hidden`` units; the update is
-    ``-OUTPUT_SCALE`` times the output.
+    Features per weight: ``g / (sqrt(v_hat) + 1e-8)`` and ``m_hat / (sqrt(v_hat) + 1e-8)``
+    (bounded, whatever the gradients' scale); one hidden ReLU layer of
+    ``optimizer_hidden`` units and a linear output without bias. The update is
+    ``-OUTPUT_SCALE * (MLP(f) - MLP(-f))``: odd in the features, so a weight whose
+    gradients average to zero does not drift (an MLP alone would push every weight by
+    its mean output, and its random initialization then diverges). With theta that
+    makes this ``c * m_hat / sqrt(v_hat)`` it is Adam at learning rate
+    ``c * OUTPUT_SCALE``.
 
     Args:
         data: ``(x, y)`` training arrays.
@@ -178,28 +184,32 @@ class LearnedOptimizerSystem(InnerTraining):
     @property
     def dim(self) -> int:
         """Number of the learned optimizer's weights (theta's dimension)."""
-        return FEATURES * self.optimizer_hidden + 2 * self.optimizer_hidden + 1
+        return FEATURES * self.optimizer_hidden + 2 * self.optimizer_hidden
 
     def initial_theta(self, seed: int) -> np.ndarray:
-        """Glorot-uniform kernels and zero biases for the optimizer's MLP."""
+        """Glorot-uniform kernels (the output layer's scaled by 0.1, so the initial
+        optimizer takes small steps) and zero biases for the optimizer's MLP."""
         rng, h = np.random.default_rng(seed), self.optimizer_hidden
 
         def glorot(shape):
             limit = math.sqrt(6.0 / sum(shape))
             return rng.uniform(-limit, limit, shape).ravel()
 
-        return np.concatenate([glorot((FEATURES, h)), np.zeros(h), glorot((h, 1)),
-                               np.zeros(1)]).astype(np.float32)
+        return np.concatenate([glorot((FEATURES, h)), np.zeros(h),
+                               0.1 * glorot((h, 1))]).astype(np.float32)
 
     def update(self, theta, g, m_hat, v_hat, weights):
         h = self.optimizer_hidden
-        w1, b1, w2, b2 = tf.split(theta, [FEATURES * h, h, h, 1], axis=1)
+        w1, b1, w2 = tf.split(theta, [FEATURES * h, h, h], axis=1)
+        w1 = tf.reshape(w1, [-1, FEATURES, h])
         scale = tf.sqrt(v_hat) + 1e-8
-        features = tf.stack([g / scale, m_hat / scale, weights], -1)  # [n, P, 3]
-        hidden = tf.nn.relu(tf.einsum("npf,nfh->nph", features,
-                                      tf.reshape(w1, [-1, FEATURES, h])) + b1[:, None])
-        out = tf.einsum("nph,nh->np", hidden, w2) + b2
-        return -OUTPUT_SCALE * out
+        features = tf.stack([g / scale, m_hat / scale], -1)  # [n, P, FEATURES]
+
+        def mlp(f):
+            hidden = tf.nn.relu(tf.einsum("npf,nfh->nph", f, w1) + b1[:, None])
+            return tf.einsum("nph,nh->np", hidden, w2)
+
+        return -OUTPUT_SCALE * (mlp(features) - mlp(-features))
 
 
 class AdamSystem(InnerTraining):
@@ -297,6 +307,7 @@ def plot(results, path):
         steps = [int(s) for s in run["checkpoints"]]
         left.plot(steps, [run["checkpoints"][str(s)] for s in steps], "o",
                   color=colors[method], label=f"{method}: fresh runs at checkpoints")
+    left.set_yscale("log")
     left.set_xlabel("outer step (window of K = 10)")
     left.set_ylabel("mean training loss over the horizon")
     left.set_title("Meta-training the learned optimizer")
