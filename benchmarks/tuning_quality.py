@@ -14,8 +14,9 @@ Methods:
   training run (Hyperband: its brackets' epochs); the best trial by validation loss
   among those finished within the budget. One search of 30 x S steps serves all three
   budgets (each oracle's choices up to a point do not depend on what comes later);
-* ``es_single``, ``pes``: `keras_es.ESSearch` (particle engine), its mean theta after
-  the last outer step within the budget (one search serves all budgets likewise);
+* ``es_single``, ``pes``: `keras_es.ESSearch` (particle engine) with its defaults
+  (N = 8, sigma 0.1, the outer learning rate from the planned outer steps), one search
+  per budget (that rate depends on it), scored at its final mean theta;
 * ``callback_fit`` and ``callback_retrain``: `keras_es.ESCallback` inside one fit of
   S steps with N particles, N the largest even number with (N + 1) x S within the
   budget: its own fitted model, and a plain retrain with ``callback.tuned_optimizer()``.
@@ -236,7 +237,7 @@ def es_search(task: Task, name: str, seed: int, budget: int, directory: str, set
         num_particles=n, truncation_length=length, horizon=horizon, seed=seed,
         sigma=settings["sigma"], outer_learning_rate=settings["outer_learning_rate"],
         meta_objective=settings["meta_objective"], execution="engine",
-        directory=directory, project_name=f"{name}_{seed}", overwrite=True)
+        directory=directory, project_name=f"{name}_{seed}_{budget}", overwrite=True)
     tuner.ends, start = {}, time.perf_counter()
     tuner.search(task.x, task.y, batch_size=BATCH, validation_data=(task.xv, task.yv),
                  verbose=0)
@@ -304,13 +305,18 @@ def run(task: Task, method: str, seed: int, budgets, settings: dict) -> dict:
                            "num_particles": result["n"]}
         return out
     total = max(budgets) * task.run_steps
+    tracks = {}
     with tempfile.TemporaryDirectory() as directory:
         if method in KT_ORACLES:
             track = keras_tuner_search(task, method, seed, total, directory)
+            tracks = {m: track for m in budgets}
         else:
-            track = es_search(task, method, seed, total, directory, settings)
+            # ESSearch sets its outer learning rate from the outer steps max_trials buys:
+            # one search per budget.
+            tracks = {m: es_search(task, method, seed, m * task.run_steps, directory,
+                                   settings) for m in budgets}
     for m in budgets:
-        entry = _at_budget(track, m * task.run_steps)
+        entry = _at_budget(tracks[m], m * task.run_steps)
         steps, values, seconds = entry if entry else (0, {}, 0.0)
         start = time.perf_counter()
         score = task.retrain(values, seed)
@@ -402,7 +408,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--tfds", default=None, help="A TFDS image data set (mnist, ...).")
     parser.add_argument("--num-particles", type=int, default=8)
-    parser.add_argument("--windows", type=int, default=8,
+    parser.add_argument("--windows", type=int, default=16,
                         help="ES windows (trials) per training run: K = S / windows.")
     parser.add_argument("--sigma", type=float, default=None)
     parser.add_argument("--outer-learning-rate", type=float, default=None)
@@ -417,11 +423,12 @@ def main(argv=None) -> dict:
                 "sigma": args.sigma, "outer_learning_rate": args.outer_learning_rate,
                 "meta_objective": args.meta_objective}
     saved = json.loads(args.out.read_text()) if args.out.exists() else {}
-    same = saved.get("settings") == settings and saved.get("tfds") == args.tfds
-    runs = saved.get("runs", {}) if same else {}
-    for name in args.tasks:
-        task = Task(name, args.tfds)
-        for seed in args.seeds:
+    runs = saved.get("runs", {}) if saved.get("tfds") == args.tfds else {}
+    if saved.get("settings") != settings:  # ESSearch's settings changed: rerun it
+        runs = {k: v for k, v in runs.items() if k.split("/")[1] not in ("es_single", "pes")}
+    tasks = {name: Task(name, args.tfds) for name in args.tasks}
+    for seed in args.seeds:  # every task at a seed before the next seed
+        for name, task in tasks.items():
             for method in args.methods:
                 key = f"{name}/{method}/{seed}"
                 if key in runs and all(str(m) in runs[key] for m in args.budgets):

@@ -109,8 +109,9 @@ class ESOracle(keras_tuner.Oracle):
         unit: ``"steps"`` (K optimizer steps per trial) or ``"epochs"``.
         guided: Refused: guided ES samples along surrogate gradients (such as a
             hypergradient), and an oracle sees only the objective its trials report.
-        outer_learning_rate: Learning rate of the default outer optimizer
-            (`keras_es.outer.default_outer_optimizer`, Adam; default 0.01).
+        outer_learning_rate: Learning rate of the default outer optimizer (Adam);
+            default: from the outer steps ``max_trials`` buys (`outer_learning_rate_for`,
+            set by `ESTuner.search`), else 0.01.
         outer_optimizer: Optional Keras optimizer for theta (replaces the default).
         per_episode: Names of hyperparameters held fixed within an inner problem;
             default: every Int, Choice and Boolean.
@@ -162,15 +163,15 @@ class ESOracle(keras_tuner.Oracle):
         if hasattr(self.objective, "name_to_direction"):  # a MultiObjective
             raise ValueError(f"objective={objective!r} is invalid; ESOracle needs a single "
                              "objective (one metric name or keras_tuner.Objective).")
-        self._spec = estimator
-        self.num_particles = num_particles
-        self.unit = unit
+        self._spec, self.num_particles, self.unit = estimator, num_particles, unit
         self.per_episode = None if per_episode is None else list(per_episode)
         self.reassign_after = reassign_after
+        # ESTuner.search sets the rate from the planned outer steps unless one is given.
+        self.auto_outer_rate = outer_optimizer is None and outer_learning_rate is None
         self.outer_optimizer = outer_optimizer or default_outer_optimizer(
             *([] if outer_learning_rate is None else [outer_learning_rate]))
-        if isinstance(estimator, estimators_lib.Estimator):
-            horizon = estimator.horizon
+        horizon = estimator.horizon if isinstance(estimator, estimators_lib.Estimator) \
+            else horizon
         self.horizon, self.horizon_given = horizon, horizon is not None
         self._make_estimator()
         self._search = None  # the search's state machine, created by the first trial
@@ -338,8 +339,7 @@ class ESOracle(keras_tuner.Oracle):
     # ------------------------------------------------------------------ search state
     def _tuned(self):
         """The hyperparameters theta covers, in search-space order (Fixed excluded)."""
-        hps = [hp for hp in self.hyperparameters.space
-               if not isinstance(hp, _HP.Fixed)]
+        hps = [hp for hp in self.hyperparameters.space if not isinstance(hp, _HP.Fixed)]
         if self._es is not None:
             by_name = {hp.name: hp for hp in hps}
             return [by_name[n] for n in self._es["config"]["names"] if n in by_name]
@@ -397,6 +397,17 @@ def _round_fits(oracle: ESOracle) -> bool:
               f"{left} trials left of max_trials={oracle.max_trials} cannot complete a "
               f"round of {size}.")
     return False
+
+
+def outer_learning_rate_for(outer_steps: int) -> float:
+    """The outer learning rate a search of ``outer_steps`` steps uses when none is given:
+    ``1 / sqrt(outer_steps)`` within [0.01, 0.3]. Adam moves each coordinate of theta
+    by about its learning rate per step, and the middle half of a range is about 2.2
+    units of theta wide: a short search needs large steps to get anywhere, a long one
+    small steps that average its estimates' noise (measured on
+    ``benchmarks/tuning_quality.py``'s tasks, where 0.01 left a 6-run budget's search
+    near its start)."""
+    return float(min(0.3, max(0.01, 1.0 / math.sqrt(max(outer_steps, 1)))))
 
 
 def tuned_hyperparameters(oracle: ESOracle) -> list:

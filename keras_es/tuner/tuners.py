@@ -21,7 +21,12 @@ import tensorflow as tf
 
 from keras_es import checks
 from keras_es.tuner import engine_rounds, kt_space
-from keras_es.tuner.oracle import ESOracle, start_values, tuned_hyperparameters
+from keras_es.tuner.oracle import (
+    ESOracle,
+    outer_learning_rate_for,
+    start_values,
+    tuned_hyperparameters,
+)
 from keras_es.tuner.search_state import PREFIX, distributed, plan_rounds
 
 # The only checkpoint names ESOracle plans; anything else read back is refused.
@@ -528,6 +533,12 @@ def _check_budget(oracle: ESOracle) -> None:
             f"step per {particles} trials), or fewer num_particles.")
     sizes = plan_rounds(oracle.estimator, particles, oracle.max_trials)
     used, steps = sum(sizes), len(sizes)
+    rate = ""
+    if oracle.auto_outer_rate:
+        value = outer_learning_rate_for(steps)
+        oracle.outer_optimizer.learning_rate = value  # not built yet: no slots to redo
+        rate = (f" Outer learning rate {value:.3g}, from {steps} outer steps (pass "
+                "outer_learning_rate= to choose it).")
     short = sum(s < particles for s in sizes)
     staggered = (f" ({short} round{'s' if short != 1 else ''} of the staggered start with "
                  "fewer pairs)" if short else "")
@@ -537,7 +548,7 @@ def _check_budget(oracle: ESOracle) -> None:
           f"{length} {unit} per trial, one outer step per round of trials{staggered}: "
           f"max_trials={oracle.max_trials} gives {steps} outer step"
           f"{'s' if steps != 1 else ''} from {used} trials ({used * length} {unit} of "
-          f"training){unused}.")
+          f"training){unused}.{rate}")
 
 
 _METADATA_TYPES = {"init_seed": int, "data_seed": int, "truncation_length": int, "unit": str,
