@@ -77,7 +77,9 @@ class _Wrapped(kt.HyperModel):
 def test_a_search_of_optimizer_values_runs_on_the_engine(tmp_path, capsys):
     x, y, xv, yv = _data()
     tuner = _search(tmp_path)
-    tuner.search(x, y, validation_data=(xv, yv), batch_size=16, verbose=0)
+    logs = tmp_path / "tensorboard"
+    tuner.search(x, y, validation_data=(xv, yv), batch_size=16, verbose=0,
+                 callbacks=[keras.callbacks.TensorBoard(str(logs))])
     out = capsys.readouterr().out
     assert "train together on the particle engine (learning_rate -> learning_rate, " \
            "momentum -> momentum)" in out
@@ -96,6 +98,10 @@ def test_a_search_of_optimizer_values_runs_on_the_engine(tmp_path, capsys):
     assert len(tuner.get_best_models(2)) == 2
     tuner.results_summary(1)
     assert "60 steps of training" in capsys.readouterr().out
+    # Each trial's logs where its fit would have written them, for TensorBoard.
+    trial_id = trials[0].trial_id
+    for split in ("train", "validation"):
+        assert os.listdir(logs / trial_id / split)
     # Only the last round's states and the best trial's round are kept.
     files = sorted(os.listdir(tuner.engine_dir))
     assert "round_00002.npz" in files and len(files) <= 2
@@ -195,3 +201,19 @@ def test_a_search_resumes_only_with_the_same_estimator_options(tmp_path):
     # A search saved before the options existed ran without them.
     old = {k: v for k, v in saved.items() if k not in ("fitness_shaping", "learn_sigma")}
     oracle_module._check_config(old, {**old, "fitness_shaping": None, "learn_sigma": None})
+
+
+def test_the_outer_learning_rate_follows_the_planned_outer_steps(tmp_path, capsys):
+    rate = oracle_module.outer_learning_rate_for
+    assert rate(4) == 0.3 and rate(100) == pytest.approx(0.1) and rate(10 ** 6) == 0.01
+    x, y, xv, yv = _data()
+    tuner = _search(tmp_path, max_trials=8)  # 2 rounds of 4: 2 outer steps
+    assert tuner.oracle.auto_outer_rate
+    from keras_es.tuner.tuners import _plan_search
+    _plan_search(tuner.oracle, (x, y), {"batch_size": 16})
+    assert "Outer learning rate 0.3, from 2 outer steps" in capsys.readouterr().out
+    assert float(tuner.oracle.outer_optimizer.learning_rate) == pytest.approx(0.3)
+    given = _search(tmp_path, name="q", outer_learning_rate=0.02)
+    assert not given.oracle.auto_outer_rate
+    _plan_search(given.oracle, (x, y), {"batch_size": 16})
+    assert float(given.oracle.outer_optimizer.learning_rate) == pytest.approx(0.02)
