@@ -53,7 +53,7 @@ def test_quick_run(example, tmp_path):
     assert (tmp_path / "weights.png").stat().st_size > 10_000
     # The same estimate as MetaTrainer + full_es, up to float rounding.
     for row in result["scaling"]:
-        assert row["max_weight_difference"] < 1e-5, row
+        assert row["relative_difference"] < 1e-4, row
         # 3 x chunk x P floats at once against (3 N/2 + N) x P: noise, score and
         # accumulator of every pair, and every particle's weights.
         p, n, chunk = row["weights"], 20, 5
@@ -66,6 +66,7 @@ def test_quick_run(example, tmp_path):
     assert result["es"]["final_test_accuracy"] > 0.25, result["es"]
     assert result["sgd"]["final_test_accuracy"] > 0.6, result["sgd"]
     assert result["es"]["curve"][-1]["evaluations"] == 40 * 20
+    assert set(result["evaluations_to_reach"]) == {"0.9", "0.95", "0.98"}
 
 
 @pytest.mark.slow
