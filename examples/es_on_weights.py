@@ -456,6 +456,8 @@ def parse_args(argv=None):
     for name in ("hidden", "particles", "updates", "sgd-steps"):
         parser.add_argument(f"--{name}", type=int, default=None,
                             help=f"Override the setting {name.replace('-', '_')}.")
+    parser.add_argument("--widths", type=_widths, default=None,
+                        help="Hidden widths of the time and memory table, e.g. 128,512.")
     args = parser.parse_args(argv)
     for name in ("max_examples", "hidden", "particles", "updates", "sgd_steps"):
         value = getattr(args, name)
@@ -468,10 +470,21 @@ def parse_args(argv=None):
     return args
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is invalid; expected positive integers separated by commas.")
+    return tuple(sorted(widths))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     config = dict(SETTINGS["quick" if args.quick else "full"])
-    for name in ("hidden", "particles", "updates", "sgd_steps"):
+    for name in ("hidden", "particles", "updates", "sgd_steps", "widths"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
     if (config["particles"] // 2) % config["chunk"]:

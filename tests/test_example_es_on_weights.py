@@ -73,15 +73,18 @@ def test_quick_run(example, tmp_path):
 def test_real_tfds_path_with_mock_data(example, tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         result = example.main(["--quick", "--dataset", "mnist", "--updates", "3",
-                               "--sgd-steps", "3", "--out", str(tmp_path / "m.json")])
+                               "--sgd-steps", "3", "--widths", "4",
+                               "--out", str(tmp_path / "m.json")])
     assert result["dataset"] == "mnist"
     assert result["weights"] == 784 * 16 + 16 + 16 * 10 + 10
+    assert [row["hidden"] for row in result["scaling"]] == [4]
     assert (tmp_path / "m.png").exists()
 
 
 @pytest.mark.parametrize("argv, match", [
     (["--particles", "3"], "--particles=3"),
     (["--updates", "0"], "--updates=0"),
+    (["--widths", "16,x"], "'16,x' is invalid"),
 ])
 def test_bad_arguments_exit_with_a_message(example, argv, match, capsys):
     with pytest.raises(SystemExit):
