@@ -136,6 +136,8 @@ def meta_train(data, method: str, config: dict, seed: int) -> dict:
             "trajectory": [task.SPACE.encode().tolist()] + trajectory.tolist() + [theta],
             "theta_final": theta, "values_final": trainer.values,
             "diverged_pairs": int(trainer.state.diverged.numpy()),
+            # Pairs whose credited difference the outlier guard clipped (all windows).
+            "clipped_pairs": int(np.sum(history["clipped_pairs"])),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -243,7 +245,7 @@ def _row(theta, scores: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- output
-COLORS = {"sum": "white", "final_episode_end": "red", "final_telescoped": "orange"}
+COLORS = {"sum": "magenta", "final_episode_end": "red", "final_telescoped": "orange"}
 
 
 def plot(path, grid: dict, learned: dict, dataset: str) -> None:
@@ -262,7 +264,7 @@ def plot(path, grid: dict, learned: dict, dataset: str) -> None:
         fig.colorbar(mesh, ax=ax, label=f"log10 {key.replace('_', ' ')}")
         best = np.unravel_index(np.argmin(values), values.shape)
         ax.plot(decay[best[1]], lr0[best[0]], "x", color="black", ms=10, mew=2,
-                label="grid best")
+                label="grid best (grid seeds)")
         for name, run in learned.items():
             path_ = np.asarray(run["trajectory"]) / math.log(10.0)
             ax.plot(path_[:, 1], path_[:, 0], color=COLORS[name], lw=1.2, label=name)
