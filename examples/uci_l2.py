@@ -59,6 +59,7 @@ SETTINGS = {
 NUM_PARTICLES, SIGMA = 4, 0.01
 GRID = np.arange(-12.0, 4.0 + 1e-9, 0.05)  # log lam
 TAIL = 0.1  # the tuned theta: its mean over this last fraction of the outer steps
+TRAJECTORY_POINTS = 600  # the JSON keeps every (steps // this)-th theta of a run
 
 
 # ---------------------------------------------------------------------- data
@@ -182,7 +183,9 @@ def tune(data: dict, method: str, theta0: float, steps: int, learning_rate: floa
     trajectory = np.asarray(history["theta_0"])
     tail = max(1, int(TAIL * steps))
     tuned = float(trajectory[-tail:].mean())
-    return {"method": method, "initial_log_lam": theta0, "trajectory": trajectory.tolist(),
+    stride = max(1, steps // TRAJECTORY_POINTS)
+    return {"method": method, "initial_log_lam": theta0,
+            "trajectory": trajectory[::stride].tolist(), "trajectory_stride": stride,
             "tuned_log_lam": tuned, "tuned_lam": math.exp(tuned),
             "tail_std_log_lam": float(trajectory[-tail:].std()),
             "final_log_lam": float(trajectory[-1]),
@@ -201,7 +204,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
     best = results["grid"]["best_log_lam"]
     for run in results["runs"]:
         color = "C0" if run["method"] == "es_single" else "C1"
-        left.plot(run["trajectory"], color=color, lw=1, alpha=0.9)
+        steps = np.arange(len(run["trajectory"])) * run["trajectory_stride"]
+        left.plot(steps, run["trajectory"], color=color, lw=1, alpha=0.9)
     for method, color in (("es_single", "C0"), ("pes", "C1")):
         left.plot([], [], color=color, label=method)
     left.axhline(best, color="black", ls="--", lw=1, label=f"grid best log lam = {best:.2f}")
