@@ -11,8 +11,20 @@ and the same TF threading settings:
 * ``engine``: one ``keras_es.Population`` of N particles with per-particle SGD
   (learning rate and momentum decoded from theta), ``tf.function(train_step,
   jit_compile=population.xla_friendly)``, one batch shared by all particles. The MLPs
-  run vectorized under XLA, the CNN stacked along channels without XLA (the
-  population's ``execution="auto"`` choice).
+  run vectorized under XLA; the CNN stacked along channels without XLA where
+  TensorFlow's oneDNN kernels are on, else vectorized under XLA (the population's
+  ``execution="auto"`` choice; ``TF_ENABLE_ONEDNN_OPTS`` is recorded).
+
+With ``jax`` installed (``pip install keras_es[bench]``; never a dependency of the
+library), the engine is also measured against the peer ES papers use, interleaved in
+the same process: per-particle parameters stacked on a leading axis and
+``jax.jit(jax.vmap(step))`` with SGD momentum, the same initialization scale, batch,
+learning rate and momentum (`JaxPeer`). Both per step (one call = one optimizer step of
+all N particles) and per window of K steps (the engine's ``train_step`` in a
+``tf.while_loop`` inside one ``tf.function``, as `keras_es.MetaTrainer` runs a window,
+against ``jax.lax.scan``); the ratio engine / JAX particle-steps per second is taken in
+each of several alternating rounds and its median and range reported. Without jax the
+script says "jax not installed, peer skipped". ``--only-jax`` runs just that comparison.
 
 Models: ``mlp`` 784-128-128-10 at batch 128 (compute-bound), ``small_mlp`` 784-32-32-10
 at batch 32 (overhead-bound), ``cnn`` Conv(8)-Pool-Conv(16)-Pool-Dense(10) on 28x28x1 at
@@ -27,7 +39,9 @@ window is reported (the median is kept too), and the CPU time other processes us
 during each measurement is recorded as ``background_cpu_cores``.
 
 Usage: ``python benchmarks/particles.py [--quick] [--seconds 3] [--out PATH]
-[--intra-op K] [--inter-op K]``.
+[--intra-op K] [--inter-op K] [--only-jax | --no-jax] [--window-steps 10]
+[--jax-rounds 10] [--jax-seconds 0.3]``. ``--quick`` (N in {1, 4}, short windows, the
+JAX peer at the largest N only) is a smoke run.
 """
 
 from __future__ import annotations
@@ -340,6 +354,227 @@ def measure_engine(name: str, n: int, x, y, seconds: float, windows: int, seed: 
     return result
 
 
+# ---------------------------------------------------------------------- the JAX peer
+JAX_DEFINITION = (
+    "ratio = engine / JAX particle-steps per second, measured in {rounds} interleaved "
+    "rounds of {seconds} s per contender (the order alternating), one ratio per round; "
+    "median and range reported. JAX peer: per-particle parameters stacked on a leading "
+    "axis (Glorot-uniform kernels, zero biases, as Keras initializes), "
+    "jax.jit(jax.vmap(step, in_axes=(0, 0, 0, 0, None, None))) with per-particle SGD "
+    "momentum (m = momentum * m - lr * g; w = w + m; lr 0.01, momentum 0.9), the same "
+    "batch shared by all particles, mean sparse softmax cross-entropy; no buffer "
+    "donation. Per step: one call = one optimizer step of all N particles (engine: "
+    "tf.function(train_step, jit_compile=xla_friendly)). Per window: one call = K={k} "
+    "steps, engine in one tf.function with a tf.while_loop (XLA where xla_friendly, as "
+    "MetaTrainer's window), JAX in one jax.lax.scan under jax.jit. cpu_ratio = JAX / "
+    "engine CPU seconds (this process, all threads) per particle-step: above 1 the "
+    "engine does the same work with less CPU, a figure less sensitive to other "
+    "processes than the wall-clock ratio.")
+def import_jax():
+    """``jax`` if it is installed (a benchmark-only extra: ``pip install keras_es[bench]``),
+    else None."""
+    try:
+        import jax
+    except ImportError:
+        return None
+    return jax
+
+
+def _glorot(jax, key, shape, n: int, fan_in: int, fan_out: int):
+    """``[n, *shape]`` Glorot-uniform draws, Keras's default kernel initializer."""
+    limit = (6.0 / (fan_in + fan_out)) ** 0.5
+    return jax.random.uniform(key, (n,) + shape, minval=-limit, maxval=limit)
+
+
+def jax_init(jax, name: str, n: int, seed: int) -> list:
+    """Every particle's parameters ``[(kernel [N, ...], bias [N, out]), ...]``: kernels
+    Glorot-uniform (fan in/out as Keras counts them), biases zero, as the Keras model."""
+    if name == "cnn":
+        kernels = [(3, 3, 1, 8), (3, 3, 8, 16), (400, 10)]
+    else:
+        width = 128 if name == "mlp" else 32
+        kernels = [(784, width), (width, width), (width, 10)]
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(kernels))
+    params = []
+    for key, shape in zip(keys, kernels, strict=True):
+        receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        kernel = _glorot(jax, key, shape, n, receptive * shape[-2], receptive * shape[-1])
+        params.append((kernel, jax.numpy.zeros((n, shape[-1]))))
+    return params
+
+
+def jax_forward(jax, name: str, params, x):
+    """One particle's logits: the same layers as `build_model`."""
+    jnp, lax = jax.numpy, jax.lax
+    h = x
+    if name == "cnn":
+        for kernel, bias in params[:2]:
+            h = lax.conv_general_dilated(h, kernel, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            h = jax.nn.relu(h + bias)
+            h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        h = h.reshape(h.shape[0], -1)
+        kernel, bias = params[2]
+        return h @ kernel + bias
+    for i, (kernel, bias) in enumerate(params):
+        h = h @ kernel + bias
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    return h
+
+
+class JaxPeer:
+    """What ES papers run: per-particle parameters stacked on a leading axis and
+    ``jax.jit(jax.vmap(step))``, SGD with momentum (Keras's equations: ``m = momentum *
+    m - lr * g; w = w + m``), one batch shared by all particles. ``step`` makes one
+    optimizer step of all N particles per call, ``window`` K steps in one
+    ``jax.lax.scan``."""
+
+    def __init__(self, jax, name: str, n: int, seed: int, window_steps: int):
+        jnp = jax.numpy
+        self.jax = jax
+
+        def loss_fn(params, x, y):
+            logits = jax_forward(jax, name, params, x)
+            log_p = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
+
+        def one(params, slots, lr, momentum, x, y):
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            slots = jax.tree_util.tree_map(lambda m, g: m * momentum - g * lr, slots, grads)
+            params = jax.tree_util.tree_map(lambda w, m: w + m, params, slots)
+            return params, slots, loss
+
+        vstep = jax.vmap(one, in_axes=(0, 0, 0, 0, None, None))
+
+        def window(params, slots, lr, momentum, x, y):
+            def body(carry, _):
+                params, slots, loss = vstep(*carry, lr, momentum, x, y)
+                return (params, slots), loss
+
+            (params, slots), losses = jax.lax.scan(body, (params, slots), None,
+                                                   length=window_steps)
+            return params, slots, losses[-1]
+
+        self.step, self.window = jax.jit(vstep), jax.jit(window)
+        params = jax_init(jax, name, n, seed)
+        self.state = (params, jax.tree_util.tree_map(jnp.zeros_like, params))
+        self.hyper = (jnp.full((n,), LEARNING_RATE), jnp.full((n,), MOMENTUM))
+
+    def caller(self, fn, x, y):
+        """A function that runs ``fn`` once on the current state and returns the loss."""
+        x, y = self.jax.numpy.asarray(x), self.jax.numpy.asarray(y)
+
+        def run():
+            params, slots, loss = fn(*self.state, *self.hyper, x, y)
+            self.state = (params, slots)
+            return loss
+
+        return run
+
+
+def engine_window(pop, window_steps: int):
+    """The engine's K steps in one ``tf.function``, a ``tf.while_loop`` over
+    ``train_step`` compiled with XLA where ``pop.xla_friendly`` (as
+    `keras_es.MetaTrainer` runs a window)."""
+    @tf.function(jit_compile=pop.xla_friendly, autograph=False)
+    def window(state, theta, x, y):
+        def body(i, state, loss):
+            state, loss = pop.train_step(state, theta, x, y)
+            return i + 1, state, loss
+
+        _, state, loss = tf.while_loop(
+            lambda i, *_: i < window_steps, body,
+            (tf.constant(0), state, tf.zeros([theta.shape[0]])),
+            maximum_iterations=window_steps)
+        return state, loss
+
+    return window
+
+
+def interleaved(contenders: dict, particle_steps_per_call: int, rounds: int,
+                seconds: float) -> dict:
+    """Runs each contender ``(run, sync)`` for ``seconds`` per round, in turn (the order
+    alternates between rounds), ``rounds`` times; ``{name: [particle-steps/s per
+    round]}`` plus the background CPU cores over the whole run."""
+    names = list(contenders)
+    rates = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    waited = 0.0
+    busy0, own0, wall0 = _cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
+    for r in range(rounds):
+        waited += wait_for_quiet(WAIT_QUIET) if WAIT_QUIET > 0 else 0.0
+        for name in (names if r % 2 == 0 else names[::-1]):
+            run, sync = contenders[name]
+            calls, start, cpu0 = 0, time.perf_counter(), _own_cpu_seconds()
+            out = None
+            while calls == 0 or time.perf_counter() < start + seconds:
+                out = run()
+                calls += 1
+            sync(out)
+            steps = calls * particle_steps_per_call
+            rates[name].append(steps / (time.perf_counter() - start))
+            cpu[name].append((_own_cpu_seconds() - cpu0) / steps)
+    wall = time.perf_counter() - wall0
+    background = (None if busy0 is None else max(
+        0.0, (_cpu_busy_seconds() - busy0) - (_own_cpu_seconds() - own0)) / wall)
+    return {"rates": rates, "cpu_seconds_per_particle_step": cpu,
+            "waited_for_quiet_s": round(waited, 1),
+            "background_cpu_cores": None if background is None else round(background, 2)}
+
+
+def compare_with_jax(jax, name: str, n: int, x, y, args) -> list[dict]:
+    """The engine against `JaxPeer`, interleaved, per step and per window of
+    ``args.window_steps`` steps: one dict per mode with the per-round ratios
+    (engine / JAX particle-steps per second)."""
+    pop, state, theta = population(name, n, args.seed)
+    peer = JaxPeer(jax, name, n, args.seed, args.window_steps)
+    box = [state]
+
+    def engine_run(fn):
+        def run():
+            box[0], loss = fn(box[0], theta, x, y)
+            return loss
+        return run
+
+    modes = (("step", tf.function(pop.train_step, jit_compile=pop.xla_friendly),
+              peer.step, 1),
+             ("window", engine_window(pop, args.window_steps), peer.window,
+              args.window_steps))
+    out = []
+    for mode, engine_fn, jax_fn, steps in modes:
+        contenders = {"engine": (engine_run(engine_fn), lambda loss: loss.numpy()),
+                      "jax": (peer.caller(jax_fn, x.numpy(), y.numpy()), np.asarray)}
+        compile_seconds = {}
+        for key, (run, sync) in contenders.items():
+            start = time.perf_counter()
+            sync(run())
+            compile_seconds[key] = round(time.perf_counter() - start, 2)
+            sync(run())
+        r = interleaved(contenders, n * steps, args.jax_rounds, args.jax_seconds)
+        engine, peer_rates = r["rates"]["engine"], r["rates"]["jax"]
+        ratios = [e / j for e, j in zip(engine, peer_rates, strict=True)]
+        cpu = r["cpu_seconds_per_particle_step"]
+        cpu_ratios = [j / e for e, j in zip(cpu["engine"], cpu["jax"], strict=True) if e > 0]
+        out.append({
+            "model": name, "n": n, "mode": mode, "steps_per_call": steps,
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+            "ratios": [round(v, 3) for v in ratios],
+            "engine_particle_steps_per_s_median": round(statistics.median(engine), 1),
+            "jax_particle_steps_per_s_median": round(statistics.median(peer_rates), 1),
+            "engine_final_loss": float(np.mean(contenders["engine"][0]().numpy())),
+            "jax_final_loss": float(np.mean(np.asarray(contenders["jax"][0]()))),
+            "cpu_ratio_median": (round(statistics.median(cpu_ratios), 3) if cpu_ratios
+                                 else None),
+            "first_call_seconds": compile_seconds,
+            "background_cpu_cores": r["background_cpu_cores"],
+            "waited_for_quiet_s": r["waited_for_quiet_s"],
+            "engine_execution": "stacked" if pop.stacked else "vectorized",
+            "engine_jit_compile": pop.xla_friendly})
+    return out
+
+
 # ---------------------------------------------------------------------- memory
 def _proc_status_kb(field: str) -> int | None:
     try:
@@ -392,7 +627,7 @@ def run_memory_probe(name: str, n: int, args) -> dict:
 
 
 # ---------------------------------------------------------------------- report
-def ratios(cases: list[dict]) -> dict:
+def ratios(cases: list[dict], vs_jax: list[dict]) -> dict:
     rate = {(c["model"], c["n"], c["approach"]): c["particle_steps_per_s"] for c in cases}
     out: dict = {}
     for (model, n, approach), value in rate.items():
@@ -402,6 +637,22 @@ def ratios(cases: list[dict]) -> dict:
         for base in BASELINES:
             if (model, n, base) in rate:
                 row[f"vs_{base}"] = round(value / rate[(model, n, base)], 2)
+    for c in vs_jax:
+        row = out.setdefault(c["model"], {}).setdefault(str(c["n"]), {})
+        row[f"vs_jax_per_{c['mode']}"] = round(c["ratio_median"], 2)
+        row[f"vs_jax_per_{c['mode']}_range"] = [round(c["ratio_min"], 2),
+                                               round(c["ratio_max"], 2)]
+    return out
+
+
+def jax_targets(vs_jax: list[dict]) -> dict:
+    """The target: at N >= 8 the engine makes at least as many particle-steps per
+    second as the JAX peer (median ratio >= 1) on every model, per window."""
+    out = {}
+    for c in vs_jax:
+        if c["mode"] == "window" and c["n"] >= 8:
+            out[f"{c['model']} N={c['n']}"] = {"value": c["ratio_median"], "target": 1.0,
+                                              "met": c["ratio_median"] >= 1.0}
     return out
 
 
@@ -437,7 +688,29 @@ def check_targets(result: dict) -> dict:
     return out
 
 
+def print_jax_table(result: dict) -> None:
+    cases = result["vs_jax"]["cases"]
+    print(f"\nengine / JAX peer ({result['vs_jax']['peer']}), median of interleaved rounds:")
+    if not cases:
+        return
+    print(f"{'model':<10}{'N':>5}  {'per':<7}{'ratio':>7}  {'range':<12}{'engine':>10}"
+          f"{'JAX':>10}{'bg cpu':>8}")
+    for c in cases:
+        bg = c["background_cpu_cores"]
+        print(f"{c['model']:<10}{c['n']:>5}  {c['mode']:<7}{c['ratio_median']:>7.2f}  "
+              f"{c['ratio_min']:.2f}-{c['ratio_max']:<7.2f}"
+              f"{c['engine_particle_steps_per_s_median']:>10.0f}"
+              f"{c['jax_particle_steps_per_s_median']:>10.0f}"
+              f"{'-' if bg is None else f'{bg:.2f}':>8}")
+    for key, check in (result["vs_jax"]["targets"] or {}).items():
+        print(f"  per window {key:<16} {check['value']:>6.2f} (target >= 1.0) "
+              f"{'met' if check['met'] else 'MISSED'}")
+
+
 def print_table(result: dict) -> None:
+    print_jax_table(result)
+    if not result["cases"]:
+        return
     rate = {(c["model"], c["n"], c["approach"]): c for c in result["cases"]}
     print(f"\nmatmul: {result['matmul_gflops']:.1f} GFLOP/s "
           f"(threads intra={result['config']['intra_op_threads']}, "
@@ -501,9 +774,22 @@ def main(argv=None) -> dict:
                              "other processes to use < 0.25 cores (shared machines).")
     parser.add_argument("--no-memory", action="store_true", help="Skip the memory probes.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-jax", action="store_true",
+                        help="Skip the JAX peer even when jax is installed.")
+    parser.add_argument("--only-jax", action="store_true",
+                        help="Measure the engine against the JAX peer only (no loops, "
+                             "no matmul, floor or memory probes).")
+    parser.add_argument("--window-steps", type=int, default=10,
+                        help="K: optimizer steps per window (tf.while_loop / lax.scan).")
+    parser.add_argument("--jax-rounds", type=int, default=None,
+                        help="Interleaved engine/JAX rounds per case (default 10, quick 2).")
+    parser.add_argument("--jax-seconds", type=float, default=None,
+                        help="Seconds per contender per round (default 0.3, quick 0.1).")
     parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "N"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.jax_rounds = args.jax_rounds or (2 if args.quick else 10)
+    args.jax_seconds = args.jax_seconds or (0.1 if args.quick else 0.3)
 
     tf.get_logger().setLevel("ERROR")
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
@@ -519,10 +805,19 @@ def main(argv=None) -> dict:
     seconds = args.seconds or (0.3 if args.quick else 3.0)
     windows = 2 if args.quick else args.windows
     start = time.perf_counter()
-    matmul_start = matmul_gflops(seconds)
+    jax = None if args.no_jax else import_jax()
+    peer_note = ("skipped (--no-jax)" if args.no_jax else
+                 "jax not installed, peer skipped (pip install keras_es[bench])" if jax is None
+                 else f"jax {jax.__version__}, CPU")
+    print(f"JAX peer: {peer_note}", flush=True)
+    if args.only_jax and jax is None:
+        raise SystemExit("--only-jax needs jax: pip install keras_es[bench]")
+    if args.only_jax:
+        args.no_memory = True
+    matmul_start = None if args.only_jax else matmul_gflops(seconds)
     print(f"matmul: {matmul_start}", flush=True)
 
-    cases, flops_check = [], {}
+    cases, flops_check, vs_jax = [], {}, []
     for name in args.models:
         x, y = batch(name, args.seed)
         template = population(name, 1, args.seed)[0]
@@ -531,7 +826,16 @@ def main(argv=None) -> dict:
                              "tf_profiler_matmul_conv": profiler_flops(template.model)}
         pools = {a: LoopPool(name, a, x, y) for a in BASELINES}
         for n in ns:
-            for approach in APPROACHES:
+            if jax is not None and (n == ns[-1] or not args.quick):
+                for r in compare_with_jax(jax, name, n, x, y, args):
+                    vs_jax.append(r)
+                    print(f"{name:<10} N={n:<4} vs JAX per {r['mode']:<7} "
+                          f"{r['ratio_median']:>6.2f}x (range {r['ratio_min']:.2f}-"
+                          f"{r['ratio_max']:.2f}; engine "
+                          f"{r['engine_particle_steps_per_s_median']:.0f}, JAX "
+                          f"{r['jax_particle_steps_per_s_median']:.0f} particle-steps/s) "
+                          f"bg={r['background_cpu_cores']}", flush=True)
+            for approach in () if args.only_jax else APPROACHES:
                 if approach == "engine":
                     r = measure_engine(name, n, x, y, seconds, windows, args.seed)
                 else:
@@ -567,19 +871,25 @@ def main(argv=None) -> dict:
                 case["state_mb_per_particle"] = round(p["state_mb"] / p["n"], 3)
 
     floor = None
-    if "mlp" in args.models:
+    if "mlp" in args.models and not args.only_jax:
         floor = mlp_floor(32, seconds, windows)
         per_step = 3 * flops_check["mlp"]["count_flops_per_example"] * BATCH["mlp"]
         floor["gflops"] = {key: round(per_step * floor[key] / 1e9, 1) for key in (
             "matmuls_only_graph", "matmuls_only_xla", "update_only_xla",
             "floor_particle_steps_per_s")}
         print(f"mlp floor: {floor}", flush=True)
-    matmul_end = matmul_gflops(seconds)
+    matmul_end = None if args.only_jax else matmul_gflops(seconds)
     print(f"matmul (end): {matmul_end}", flush=True)
     result = {
-        "matmul_gflops": max(matmul_start["best"], matmul_end["best"]),
+        "matmul_gflops": None if args.only_jax else max(matmul_start["best"],
+                                                         matmul_end["best"]),
         "cases": cases,
-        "ratios": ratios(cases),
+        "ratios": ratios(cases, vs_jax),
+        "vs_jax": {"peer": peer_note, "cases": vs_jax,
+                   "targets": jax_targets(vs_jax) if vs_jax else None,
+                   "definition": JAX_DEFINITION.format(k=args.window_steps,
+                                                       rounds=args.jax_rounds,
+                                                       seconds=args.jax_seconds)},
         "mlp_floor_n32": floor,
         "memory": {
             "method": "Each engine case is re-run in a fresh subprocess: after importing TF "
@@ -599,7 +909,10 @@ def main(argv=None) -> dict:
             "seconds_per_measurement": seconds, "windows": windows,
             "reported_rate": "best window (median kept as particle_steps_per_s_median)",
             "wait_quiet_seconds": args.wait_quiet,
-            "quick": args.quick, "seed": args.seed,
+            "quick": args.quick, "seed": args.seed, "only_jax": args.only_jax,
+            "window_steps": args.window_steps,
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
             "learning_rate": LEARNING_RATE, "momentum": MOMENTUM,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
@@ -619,14 +932,16 @@ def main(argv=None) -> dict:
             "engine": "keras_es.Population + engine.SGD('lr', momentum='momentum'), "
                       "theta = encode() tiled, tf.function(train_step, "
                       "jit_compile=population.xla_friendly), one shared batch; "
-                      "execution='auto' (MLPs vectorized + XLA, CNN stacked, no XLA)",
+                      "execution='auto' (MLPs vectorized + XLA; CNN stacked without XLA "
+                      "with oneDNN on, else vectorized + XLA)",
             "keras_loop": "model.compile(SGD(0.01, momentum=0.9)), train_on_batch(x, y) per "
                           "model (Keras's jit_compile='auto' = no XLA on CPU)",
             "tf_function_loop": "own tf.function per model (no XLA): GradientTape + "
                                 "SGD.apply_gradients",
             "data": "one fixed random batch (tf.constant) shared by all approaches",
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                         "python": platform.python_version()},
+                         "python": platform.python_version(),
+                         "jax": None if jax is None else jax.__version__},
         },
     }
     result["targets"] = check_targets(result)
