@@ -48,7 +48,7 @@ def window(est, system: UnrolledSystem, system_state, state, theta, seed,
         wait = tf.where(tf.convert_to_tensor(active, tf.bool), 0, est.truncation_length + 1)
     system_state, state, partials = _unroll(
         est, system, system_state, state, theta, seed, shard.first_pair,
-        est.truncation_length, wait, credit, jit_compile)
+        est.truncation_length, wait, credit, jit_compile, all_active=active is None)
     state, result = est.combine(state, partials, shard)
     return system_state, state, result
 
@@ -77,13 +77,14 @@ def burn_in(est, system: UnrolledSystem, system_state, state, theta, seed,
 
 
 def _unroll(est, system, system_state, state, theta, seed, first_pair,
-            num_steps, wait, credit, jit_compile):
+            num_steps, wait, credit, jit_compile, all_active=False):
     """``num_steps`` steps of ask -> ``system.step`` -> tell for this replica's pairs
-    (pair ``p`` waits ``wait[p]`` steps first), then `Estimator.finish`; compiled with
-    XLA when asked. Returns ``(system_state, state, WindowPartials)``."""
+    (pair ``p`` waits ``wait[p]`` steps first; ``all_active``: ``wait`` is all zeros),
+    then `Estimator.finish`; compiled with XLA when asked. Returns
+    ``(system_state, state, WindowPartials)``."""
     def run(system_state, state, theta, wait, first_pair):
         return _unroll_graph(est, system, system_state, state, theta, seed, first_pair,
-                             num_steps, wait, credit)
+                             num_steps, wait, credit, all_active)
 
     theta = tf.convert_to_tensor(theta, tf.float32)
     first_pair = tf.convert_to_tensor(first_pair, tf.int32)
@@ -94,8 +95,9 @@ def _unroll(est, system, system_state, state, theta, seed, first_pair,
 
 
 def _unroll_graph(est, system, system_state, state, theta, seed, first_pair, num_steps,
-                  wait, credit):
+                  wait, credit, all_active):
     context = est.sampler.context(state.sampler)
+    reset = _traced_once(system.reset)
 
     def meta_losses(sys_state, st):
         f = system.meta_loss(sys_state, pairs.episode_keys(st.episode, seed, first_pair))
@@ -109,12 +111,14 @@ def _unroll_graph(est, system, system_state, state, theta, seed, first_pair, num
                              first_pair=first_pair, context=context)
         new_sys, loss, done = system.step(sys_state, thetas,
                                           pairs.step_keys(st.steps, seed, first_pair))
-        sys_state = select(_twin(active), new_sys, sys_state)
+        # Waiting pairs keep their state. Without any (a window of every pair), the
+        # selection would copy every particle's weights and slots each step for nothing.
+        sys_state = new_sys if all_active else select(_twin(active), new_sys, sys_state)
         before = st
         st, sums, restart = est.tell(st, sums, loss, active=active, done=done,
                                      meta_losses=lambda: meta_losses(sys_state, before),
                                      credit=credit)
-        return s + 1, _reset(est, system, sys_state, st, restart, seed, first_pair), st, sums
+        return s + 1, _reset(reset, sys_state, st, restart, seed, first_pair), st, sums
 
     _, system_state, state, sums = tf.while_loop(
         lambda s, *_: s < num_steps, body,
@@ -124,12 +128,20 @@ def _unroll_graph(est, system, system_state, state, theta, seed, first_pair, num
     finite = guard.finite_particles(system_state, state.num_pairs)
     state, partials, restart = est.finish(state, sums, meta_losses=window_end, finite=finite,
                                           credit=credit)
-    return _reset(est, system, system_state, state, restart, seed, first_pair), state, partials
+    return _reset(reset, system_state, state, restart, seed, first_pair), state, partials
 
 
-def _reset(est, system, sys_state, state, restart, seed, first_pair):
+def _traced_once(reset):
+    """``reset`` as a function of its own, traced and optimized once for both places a
+    window calls it (in the loop and after it) instead of once inlined at each: for a
+    Keras population, whose re-initialization is a large graph, that is ~1/3 of the
+    window's tracing and graph-optimization time. It runs only on a restart."""
+    return tf.function(reset, autograph=False, experimental_attributes={"_noinline": True})
+
+
+def _reset(reset, sys_state, state, restart, seed, first_pair):
     """Re-initializes both twins of the pairs in ``restart`` with their new episode's key."""
     keys = pairs.episode_keys(state.episode, seed, first_pair)
     return tf.cond(tf.reduce_any(restart),
-                   lambda: system.reset(sys_state, _twin(restart), keys),
+                   lambda: reset(sys_state, _twin(restart), keys),
                    lambda: sys_state)
