@@ -297,13 +297,15 @@ def run(task: Task, method: str, seed: int, budgets, settings: dict) -> dict:
         score = task.retrain({}, seed)
         return {str(m): {**score, "values": {}, "steps": 0,
                          "wall_s": time.perf_counter() - start} for m in budgets}
-    if method.startswith("callback"):
+    if method.startswith("callback"):  # one fit gives both methods' results
+        both = {"callback_fit": {}, "callback_retrain": {}}
         for m in budgets:
             result = callback_run(task, seed, m)
-            part = result["fit" if method == "callback_fit" else "retrain"]
-            out[str(m)] = {**part, "values": result["values"], "steps": result["steps"],
-                           "num_particles": result["n"]}
-        return out
+            for name, part in (("callback_fit", result["fit"]),
+                               ("callback_retrain", result["retrain"])):
+                both[name][str(m)] = {**part, "values": result["values"],
+                                      "steps": result["steps"], "num_particles": result["n"]}
+        return both
     total = max(budgets) * task.run_steps
     tracks = {}
     with tempfile.TemporaryDirectory() as directory:
@@ -434,7 +436,11 @@ def main(argv=None) -> dict:
                 if key in runs and all(str(m) in runs[key] for m in args.budgets):
                     continue
                 start = time.perf_counter()
-                runs[key] = run(task, method, seed, args.budgets, settings)
+                result = run(task, method, seed, args.budgets, settings)
+                if method.startswith("callback"):
+                    runs.update({f"{name}/{k}/{seed}": v for k, v in result.items()})
+                else:
+                    runs[key] = result
                 print(f"{key}: {time.perf_counter() - start:.0f} s "
                       + ", ".join(f"{m}x {runs[key][str(m)]['test_loss']}"
                                   for m in args.budgets), flush=True)
