@@ -333,6 +333,20 @@ def default_outer_optimizer(learning_rate: float = DEFAULT_OUTER_LEARNING_RATE):
     return keras.optimizers.Adam(learning_rate)
 
 
+def outer_learning_rate_for(outer_steps: int | None) -> float:
+    """The outer learning rate `keras_es.ESSearch` and `keras_es.ESCallback` use when
+    none is given, from the outer steps the run will take: ``1 / sqrt(outer_steps)``
+    within [0.01, 0.3] (`DEFAULT_OUTER_LEARNING_RATE` when unknown). Adam moves each
+    coordinate of theta by about its learning rate per step, and the middle half of a
+    range is about 2.2 units of theta wide: a short run needs large steps to get
+    anywhere, a long one small steps that average its estimates' noise (measured with
+    ``benchmarks/tuning_quality.py``, where 0.01 left a search with the budget of six
+    training runs near its start)."""
+    if not outer_steps:
+        return DEFAULT_OUTER_LEARNING_RATE
+    return float(min(0.3, max(0.01, 1.0 / math.sqrt(outer_steps))))
+
+
 _LARGEST_ESTIMATE = 1e15
 
 

@@ -113,10 +113,11 @@ def test_the_callback_builds_the_same_estimator_and_outer_optimizer():
     trainer = callback.trainer
     assert trainer.estimator == resolve("es_single", sigma=0.2, truncation_length=2,
                                         horizon=8)
+    # The default outer optimizer at the rate for this fit's 4 windows (8 batches, K = 2).
+    rate = keras_es.outer.outer_learning_rate_for(4)
     assert trainer.optimizer.get_config() == {
-        **default_outer_optimizer().get_config(), "name": trainer.optimizer.name}
-    # Its updates are MetaTrainer's: theta moved by Adam's first step at most 0.01 a
-    # coordinate, and was updated every window.
+        **default_outer_optimizer(rate).get_config(), "name": trainer.optimizer.name}
+    # Its updates are MetaTrainer's, applied every window.
     assert all(h["updated"] for h in callback.window_history)
 
 

@@ -15,7 +15,7 @@ from keras_es.callback import backup as backup_lib
 from keras_es.callback import keras_optimizers
 from keras_es.engine.keras_system import KerasSystem, as_tensors
 from keras_es.estimators import DEFAULTS, Estimator, GuidedConfig, resolve
-from keras_es.outer import MetaTrainer, default_outer_optimizer
+from keras_es.outer import MetaTrainer, default_outer_optimizer, outer_learning_rate_for
 from keras_es.transforms import SearchSpace
 
 _WINDOW_KEYS = ("loss", "meta_loss", "gradient_norm", "valid_pairs", "diverged_pairs",
@@ -193,9 +193,11 @@ def _build_trainer(callback: ESCallback, estimator: Estimator) -> MetaTrainer:
         if data is not None:
             _check_data(model, loss, name, data)
     outer_optimizer = callback.outer_optimizer
-    if outer_optimizer is None:
+    if outer_optimizer is None:  # a rate for the windows this fit will run
+        steps = (callback.params.get("steps") or 0) * callback.params.get("epochs", 1)
         with strategy.scope():
-            outer_optimizer = default_outer_optimizer()
+            outer_optimizer = default_outer_optimizer(
+                outer_learning_rate_for(steps // estimator.truncation_length))
     population = engine.Population(
         model, callback.num_particles, callback.space, loss, callback.compiled.update,
         layer_hyperparameters=callback.layer_hyperparameters, execution=callback.execution)
@@ -298,11 +300,10 @@ class ESCallback(keras.callbacks.Callback):
             hypergradient.
         batch_size: The particles' batch size.
         meta_batch_size: The validation batch size.
-        outer_optimizer: Keras optimizer for theta (default
-            `keras_es.outer.default_outer_optimizer`); with ``use_ema=True`` the fit
-            ends with its moving average of theta.
-        layer_hyperparameters: Advanced form: ``{variable path pattern: name}`` for
-            `keras_es.layers` (see `keras_es.Population`).
+        outer_optimizer: Keras optimizer for theta (default: Adam at the rate
+            `keras_es.outer.outer_learning_rate_for` gives the fit's windows); with
+            ``use_ema=True`` the fit ends with its moving average of theta.
+        layer_hyperparameters: Advanced form: as in `keras_es.Population`.
         backup_dir: The ``backup_dir`` of the ``keras.callbacks.BackupAndRestore`` in
             the same fit: the ES state is saved there every epoch and resumed from.
         seed: Integer seed of all noise and particle data.

@@ -109,9 +109,9 @@ class ESOracle(keras_tuner.Oracle):
         unit: ``"steps"`` (K optimizer steps per trial) or ``"epochs"``.
         guided: Refused: guided ES samples along surrogate gradients (such as a
             hypergradient), and an oracle sees only the objective its trials report.
-        outer_learning_rate: Learning rate of the default outer optimizer (Adam);
-            default: from the outer steps ``max_trials`` buys (`outer_learning_rate_for`,
-            set by `ESTuner.search`), else 0.01.
+        outer_learning_rate: The default outer optimizer's (Adam) learning rate; default:
+            `keras_es.outer.outer_learning_rate_for` the outer steps ``max_trials``
+            buys (set by `ESTuner.search`), else 0.01.
         outer_optimizer: Optional Keras optimizer for theta (replaces the default).
         per_episode: Names of hyperparameters held fixed within an inner problem;
             default: every Int, Choice and Boolean.
@@ -397,17 +397,6 @@ def _round_fits(oracle: ESOracle) -> bool:
               f"{left} trials left of max_trials={oracle.max_trials} cannot complete a "
               f"round of {size}.")
     return False
-
-
-def outer_learning_rate_for(outer_steps: int) -> float:
-    """The outer learning rate a search of ``outer_steps`` steps uses when none is given:
-    ``1 / sqrt(outer_steps)`` within [0.01, 0.3]. Adam moves each coordinate of theta
-    by about its learning rate per step, and the middle half of a range is about 2.2
-    units of theta wide: a short search needs large steps to get anywhere, a long one
-    small steps that average its estimates' noise (measured on
-    ``benchmarks/tuning_quality.py``'s tasks, where 0.01 left a 6-run budget's search
-    near its start)."""
-    return float(min(0.3, max(0.01, 1.0 / math.sqrt(max(outer_steps, 1)))))
 
 
 def tuned_hyperparameters(oracle: ESOracle) -> list:

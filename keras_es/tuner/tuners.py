@@ -20,10 +20,10 @@ import keras_tuner
 import tensorflow as tf
 
 from keras_es import checks
+from keras_es.outer import outer_learning_rate_for
 from keras_es.tuner import engine_rounds, kt_space
 from keras_es.tuner.oracle import (
     ESOracle,
-    outer_learning_rate_for,
     start_values,
     tuned_hyperparameters,
 )

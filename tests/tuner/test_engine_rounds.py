@@ -204,7 +204,7 @@ def test_a_search_resumes_only_with_the_same_estimator_options(tmp_path):
 
 
 def test_the_outer_learning_rate_follows_the_planned_outer_steps(tmp_path, capsys):
-    rate = oracle_module.outer_learning_rate_for
+    rate = keras_es.outer.outer_learning_rate_for
     assert rate(4) == 0.3 and rate(100) == pytest.approx(0.1) and rate(10 ** 6) == 0.01
     x, y, xv, yv = _data()
     tuner = _search(tmp_path, max_trials=8)  # 2 rounds of 4: 2 outer steps
