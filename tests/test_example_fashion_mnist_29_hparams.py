@@ -13,7 +13,8 @@ def test_quick_run_tunes_29_hyperparameters(load_example, tmp_path, capsys):
     val_loss = example.main(["--quick", "--directory", str(tmp_path)])
     out = capsys.readouterr().out
     assert math.isfinite(val_loss) and val_loss < math.log(10.0)  # better than chance
-    assert "2 outer steps over 3 rounds" in out
+    # Every round is an outer step, the staggered start's included.
+    assert "3 outer steps over 3 rounds" in out
     mean = out.split("Mean theta")[1].split("Trajectory")[0]
     names = [line.split(":")[0].strip() for line in mean.strip().splitlines()[1:]]
     assert len(names) == 29 and sum(n.startswith("units_") for n in names) == 5
