@@ -24,9 +24,22 @@ The script reports, per estimator and initial value, the tuned lam (theta averag
 the last 10% of the outer steps), the validation loss of training to convergence at
 it, and the grid's best beside it.
 
+Options from the ES primer (docs/estimators.md): ``--fitness-shaping rank`` and
+``--learn-sigma`` build both estimators with ``fitness_shaping="rank"`` and
+``learn_sigma=True`` (default `LearnedSigma`: Adam 0.01 on log sigma, sigma kept in
+[0.001, 0.1]). ``--learn-sigma`` is refused for ES-Single here: its one perturbation
+per episode is never redrawn without a horizon, so run it with ``--methods pes``. With
+``--compare`` the script runs nothing: it reads the JSON of several runs, prints their
+tuned values side by side and draws their trajectories in one figure.
+
 Usage::
 
     python examples/uci_l2.py --quick --out results/uci_l2.json
+    python examples/uci_l2.py --quick --fitness-shaping rank --out results/uci_l2_rank.json
+    python examples/uci_l2.py --quick --learn-sigma --methods pes \
+        --out results/uci_l2_learn_sigma.json
+    python examples/uci_l2.py --compare results/uci_l2.json results/uci_l2_rank.json \
+        results/uci_l2_learn_sigma.json --plot results/uci_l2_primer.png
 
 Writes the JSON and a PNG (log lam against outer steps, and the grid's validation
 curve) beside it. Losses are mean squared errors of the standardized target.
@@ -172,10 +185,23 @@ def grid_search(data: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- tuning
+def make_estimator(method: str, fitness_shaping: str | None = None,
+                   learn_sigma: bool = False) -> keras_es.estimators.Estimator:
+    """The example's estimator (K = 1, horizon None), with the primer's options if
+    given; an unsupported combination raises the estimator's ``ValueError``."""
+    primer = {}
+    if fitness_shaping is not None:
+        primer["fitness_shaping"] = fitness_shaping
+    if learn_sigma:
+        primer["learn_sigma"] = True
+    return keras_es.ESTIMATORS[method](SIGMA, truncation_length=1, **primer)
+
+
 def tune(data: dict, method: str, theta0: float, steps: int, learning_rate: float,
-         seed: int) -> dict:
-    """One online run; the trajectory of log lam and the tuned value."""
-    estimator = keras_es.ESTIMATORS[method](SIGMA, truncation_length=1)  # horizon None
+         seed: int, fitness_shaping: str | None = None, learn_sigma: bool = False) -> dict:
+    """One online run; the trajectory of log lam and the tuned value (and of sigma,
+    with ``learn_sigma``)."""
+    estimator = make_estimator(method, fitness_shaping, learn_sigma)
     trainer = keras_es.MetaTrainer(RidgeRegression(data), estimator, [theta0], NUM_PARTICLES,
                                    outer_optimizer=keras.optimizers.Adam(learning_rate),
                                    seed=seed)
@@ -184,13 +210,21 @@ def tune(data: dict, method: str, theta0: float, steps: int, learning_rate: floa
     tail = max(1, int(TAIL * steps))
     tuned = float(trajectory[-tail:].mean())
     stride = max(1, steps // TRAJECTORY_POINTS)
-    return {"method": method, "initial_log_lam": theta0,
-            "trajectory": trajectory[::stride].tolist(), "trajectory_stride": stride,
-            "tuned_log_lam": tuned, "tuned_lam": math.exp(tuned),
-            "tail_std_log_lam": float(trajectory[-tail:].std()),
-            "final_log_lam": float(trajectory[-1]),
-            "val_loss_at_tuned": converged_validation_loss(data, tuned),
-            "online_val_loss_tail": float(np.mean(history["loss"][-tail:]))}
+    run = {"method": method, "initial_log_lam": theta0,
+           "trajectory": trajectory[::stride].tolist(), "trajectory_stride": stride,
+           "tuned_log_lam": tuned, "tuned_lam": math.exp(tuned),
+           "tail_std_log_lam": float(trajectory[-tail:].std()),
+           "final_log_lam": float(trajectory[-1]),
+           "val_loss_at_tuned": converged_validation_loss(data, tuned),
+           "online_val_loss_tail": float(np.mean(history["loss"][-tail:]))}
+    if fitness_shaping is not None:  # (absent by default: the default output is unchanged)
+        run["clipped_pairs"] = int(np.sum(history["clipped_pairs"]))
+    if learn_sigma:  # one sigma for the one hyperparameter, after each window's update
+        sigma = np.asarray(history["sigma"])
+        run.update({"sigma_trajectory": sigma[::stride].tolist(),
+                    "final_sigma": float(sigma[-1]),
+                    "tail_mean_sigma": float(sigma[-tail:].mean())})
+    return run
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -227,6 +261,103 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def variant_name(settings: dict) -> str:
+    """``default``, ``rank``, ``learn_sigma`` or ``rank + learn_sigma``."""
+    names = [n for n, on in (("rank", settings.get("fitness_shaping") == "rank"),
+                             ("learn_sigma", settings.get("learn_sigma") is not None)) if on]
+    return " + ".join(names) or "default"
+
+
+def compare(results: list[dict]) -> list[dict]:
+    """One row per run of several results (variants): the tuned log lam, its tail
+    spread, its distance to the grid's (refined) optimum, and the final sigma."""
+    rows = []
+    for result in results:
+        best = result["grid"]["refined_log_lam"]
+        for run in result["runs"]:
+            rows.append({"variant": variant_name(result["settings"]), "method": run["method"],
+                         "initial_log_lam": run["initial_log_lam"],
+                         "tuned_log_lam": run["tuned_log_lam"],
+                         "tail_std_log_lam": run["tail_std_log_lam"],
+                         "distance_to_grid": abs(run["tuned_log_lam"] - best),
+                         "val_loss_ratio": run["val_loss_at_tuned"]
+                         / result["grid"]["refined_val_loss"],
+                         "final_sigma": run.get("final_sigma")})
+    return rows
+
+
+def plot_variants(results: list[dict], path: pathlib.Path) -> None:
+    """log lam against outer steps, one row per variant and one column per estimator,
+    and the learned sigma in a third column where a variant learns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    learned = any(r["settings"].get("learn_sigma") is not None for r in results)
+    columns = list(METHODS) + (["sigma"] if learned else [])
+    fig, axes = plt.subplots(len(results), len(columns), squeeze=False, sharex=True,
+                             figsize=(4.2 * len(columns), 2.4 * len(results) + 0.4))
+    titles = {"es_single": "ES-Single: log lam", "pes": "PES: log lam",
+              "sigma": "learned sigma (PES)"}
+    initial = sorted({run["initial_log_lam"] for r in results for run in r["runs"]})
+    colors = {theta0: f"C{i}" for i, theta0 in enumerate(initial)}
+    lowest = min(min(run["trajectory"]) for r in results for run in r["runs"])
+    highest = max(max(run["trajectory"]) for r in results for run in r["runs"])
+    limits = (min(-10.0, lowest - 0.5), max(3.0, highest + 0.5))
+    for row, result in zip(axes, results, strict=True):
+        variant = variant_name(result["settings"])
+        for ax, column in zip(row, columns, strict=True):
+            runs = [run for run in result["runs"] if run["method"] == column
+                    or (column == "sigma" and "sigma_trajectory" in run)]
+            for run in runs:
+                values = run["sigma_trajectory" if column == "sigma" else "trajectory"]
+                steps = np.arange(len(values)) * run["trajectory_stride"]
+                ax.plot(steps, values, color=colors[run["initial_log_lam"]], lw=0.8)
+            if column == "sigma":
+                ax.set_yscale("log")
+                ax.set_ylim(0.8 * SIGMA / 10, 1.25 * SIGMA * 10)  # the default bounds
+                if not runs:
+                    ax.axhline(SIGMA, color="gray", lw=0.8)
+            else:
+                ax.axhline(result["grid"]["refined_log_lam"], color="black", ls="--", lw=0.8)
+                ax.set_ylim(*limits)
+            if not runs:
+                refused = column == "es_single" and result["settings"].get("learn_sigma")
+                text = {"sigma": f"sigma fixed at {SIGMA:g}"}.get(column, "not run")
+                ax.text(0.5, 0.75 if column == "sigma" else 0.5,
+                        "refused: learn_sigma needs a\nhorizon with ES-Single"
+                        if refused else text, ha="center", va="center",
+                        transform=ax.transAxes, color="gray")
+            ax.set_title(f"{variant}: {titles[column]}", fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("outer step (K = 1)")
+    handles = [plt.Line2D([], [], color=c, label=f"log lam0 = {t:g}") for t, c in colors.items()]
+    handles.append(plt.Line2D([], [], color="black", ls="--", label="grid optimum"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main_compare(paths: list[pathlib.Path], plot_path: pathlib.Path | None) -> list[dict]:
+    """``--compare``: the table and figure of several saved results."""
+    results = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    rows = compare(results)
+    print(f"{'variant':<20}{'method':<10}{'log lam0':>9}{'tuned':>9}{'+-':>7}"
+          f"{'|-grid|':>9}{'/ grid':>8}{'sigma':>9}")
+    for r in rows:
+        sigma = "" if r["final_sigma"] is None else f"{r['final_sigma']:.4g}"
+        print(f"{r['variant']:<20}{r['method']:<10}{r['initial_log_lam']:>9.2f}"
+              f"{r['tuned_log_lam']:>9.3f}{r['tail_std_log_lam']:>7.3f}"
+              f"{r['distance_to_grid']:>9.3f}{r['val_loss_ratio']:>8.4f}{sigma:>9}")
+    plot_path = plot_path or pathlib.Path("uci_l2_primer.png")
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_variants(results, plot_path)
+    print(f"plot: {plot_path}")
+    return rows
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -241,7 +372,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON results path.")
     parser.add_argument("--plot", type=pathlib.Path, default=None,
                         help="PNG path (default: beside --out, or uci_l2.png).")
+    parser.add_argument("--fitness-shaping", choices=("none", "rank"), default="none",
+                        help="Rank-based fitness shaping of both estimators (biased).")
+    parser.add_argument("--learn-sigma", action="store_true",
+                        help="Learn sigma by variational optimization (PES only here).")
+    parser.add_argument("--compare", type=pathlib.Path, nargs="+", default=None,
+                        metavar="JSON", help="Run nothing: tabulate and plot these results.")
     args = parser.parse_args(argv)
+    args.fitness_shaping = None if args.fitness_shaping == "none" else args.fitness_shaping
     config = dict(SETTINGS["quick" if args.quick else "full"])
     for name in ("steps", "learning_rate", "initial"):
         if getattr(args, name) is not None:
@@ -252,16 +390,47 @@ def parse_args(argv=None):
         parser.error(f"--learning-rate={config['learning_rate']} is invalid; expected > 0.")
     if args.degree not in (1, 2, 3):
         parser.error(f"--degree={args.degree} is invalid; expected 1, 2 or 3.")
+    # The estimators refuse what they cannot serve; say so in the example's flags.
+    for method in args.methods:
+        for flag, options in ((f"--fitness-shaping={args.fitness_shaping}",
+                               dict(fitness_shaping=args.fitness_shaping)),
+                              ("--learn-sigma", dict(learn_sigma=args.learn_sigma)),
+                              (f"--fitness-shaping={args.fitness_shaping} with --learn-sigma",
+                               dict(fitness_shaping=args.fitness_shaping,
+                                    learn_sigma=args.learn_sigma))):
+            try:
+                make_estimator(method, **options)
+            except ValueError as error:
+                parser.error(f"{flag} is not supported with --methods {method} (this "
+                             f"example's inner problem is never reset): {error}")
     return args, config
 
 
-def main(argv: list[str] | None = None) -> dict:
+def primer_settings(args) -> dict:
+    """The primer's options as the JSON records them; nothing when both are off, so a
+    default run writes what it always wrote."""
+    settings = {}
+    if args.fitness_shaping is not None:
+        settings["fitness_shaping"] = args.fitness_shaping
+    if args.learn_sigma:
+        learned = keras_es.estimators.LearnedSigma()
+        low, high = learned.bounds(SIGMA)
+        settings["learn_sigma"] = {"learning_rate": learned.learning_rate,
+                                   "per_dimension": learned.per_dimension,
+                                   "min_sigma": low, "max_sigma": high}
+    return settings
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
     args, config = parse_args(argv)
+    if args.compare:
+        return main_compare(args.compare, args.plot)
     start = time.perf_counter()
     data = load_data(args.degree, args.seed)
     grid = grid_search(data)
     runs = [tune(data, method, float(theta0), config["steps"], config["learning_rate"],
-                 args.seed) for method in args.methods for theta0 in config["initial"]]
+                 args.seed, args.fitness_shaping, args.learn_sigma)
+            for method in args.methods for theta0 in config["initial"]]
     # "Trained to convergence": 5000 steps of the inner gradient descent reach the closed
     # form at the grid's best and at ES-Single's tuned values.
     checked = [grid["best_log_lam"]] + [r["tuned_log_lam"] for r in runs
@@ -276,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
                      "num_particles": NUM_PARTICLES, "sigma": SIGMA, "truncation_length": 1,
                      "horizon": None, "meta_objective": "sum", "seed": args.seed,
-                     "quick": bool(args.quick)},
+                     "quick": bool(args.quick), **primer_settings(args)},
         "grid": grid,
         "runs": runs,
         "descent_vs_closed_form_max_abs": check,
@@ -286,11 +455,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"validation MSE {grid['best_val_loss']:.5f}; refined: log lam = "
           f"{grid['refined_log_lam']:.3f}, {grid['refined_val_loss']:.5f} (unregularized "
           f"{grid['unregularized_val_loss']:.4f})")
-    print(f"{'method':<10}{'log lam0':>9}{'tuned':>9}{'+-':>7}{'val MSE':>9}{'/ grid':>8}")
+    if args.fitness_shaping or args.learn_sigma:
+        print(f"variant: {variant_name(results['settings'])}")
+    sigma_header = f"{'sigma':>9}" if args.learn_sigma else ""
+    print(f"{'method':<10}{'log lam0':>9}{'tuned':>9}{'+-':>7}{'val MSE':>9}{'/ grid':>8}"
+          + sigma_header)
     for r in runs:
+        sigma = f"{r['final_sigma']:>9.4g}" if args.learn_sigma else ""
         print(f"{r['method']:<10}{r['initial_log_lam']:>9.2f}{r['tuned_log_lam']:>9.3f}"
               f"{r['tail_std_log_lam']:>7.3f}{r['val_loss_at_tuned']:>9.5f}"
-              f"{r['val_loss_at_tuned'] / grid['best_val_loss']:>8.4f}")
+              f"{r['val_loss_at_tuned'] / grid['best_val_loss']:>8.4f}" + sigma)
     plot_path = args.plot or (args.out.with_suffix(".png") if args.out
                               else pathlib.Path("uci_l2.png"))
     plot_path.parent.mkdir(parents=True, exist_ok=True)
