@@ -8,6 +8,10 @@ While the engine traces a step, `pfor_friendly` swaps, for the layers of one mod
 
 * ``Conv2D`` (channels last, one group): im2col, i.e. the kernel-sized patches
   concatenated along channels, then one matmul, which vectorizes into a batched matmul;
+* ``Conv1D`` (channels last, one group, any padding including ``"causal"``): the same
+  im2col on a height-1 image. Keras's ``Conv1D.call`` calls ``ops.conv`` itself rather
+  than ``convolution_op``, so its whole ``call`` is swapped, with the causal padding,
+  bias and activation as Keras applies them;
 * ``MaxPooling2D`` with ``pool_size == strides`` and ``"valid"`` padding: a reshape and
   a max, which vectorizes cleanly. Its gradient splits ties evenly where ``MaxPool``
   picks one input; on real-valued activations exact ties are rare;
@@ -58,6 +62,31 @@ def conv2d_im2col(x, kernel, strides=(1, 1), padding="valid", dilation_rate=(1, 
     return tf.reshape(y, tf.concat([tf.shape(p)[:-1], [o]], 0))
 
 
+def conv1d_im2col(x, kernel, stride=1, padding="valid", dilation_rate=1):
+    """``tf.nn.conv1d`` (NWC, one group) as patches x matmul: ``[B,L,C] * [k,C,O]``,
+    computed as a height-1 `conv2d_im2col`."""
+    y = conv2d_im2col(x[..., None, :, :], kernel[None], (1, stride), padding,
+                      (1, dilation_rate))
+    return tf.squeeze(y, -3)
+
+
+def _conv1d_call(layer):
+    """``layer.call`` with `conv1d_im2col` for the convolution (see the module docstring)."""
+    (stride,), (dilation,) = layer.strides, layer.dilation_rate
+
+    def call(inputs):
+        padding = layer.padding
+        if padding == "causal":
+            inputs = tf.pad(inputs, [[0, 0]] * (inputs.shape.rank - 2)
+                            + [[dilation * (layer.kernel_size[0] - 1), 0], [0, 0]])
+            padding = "valid"
+        outputs = conv1d_im2col(inputs, layer.kernel, stride, padding, dilation)
+        if layer.use_bias:
+            outputs = outputs + layer.bias
+        return outputs if layer.activation is None else layer.activation(outputs)
+    return call
+
+
 def max_pool_reshape(x, pool_size):
     """Non-overlapping ``"valid"`` max pooling as a reshape and a max."""
     (ph, pw), (h, w, c) = pool_size, x.shape[-3:]
@@ -74,6 +103,9 @@ def _swaps(model):
                 return conv2d_im2col(inputs, kernel, layer.strides, layer.padding,
                                      layer.dilation_rate)
             yield layer, keras_compat.CONVOLUTION_METHOD, conv
+        elif (type(layer) is keras.layers.Conv1D and layer.data_format == "channels_last"
+              and layer.groups == 1):
+            yield layer, "call", _conv1d_call(layer)
         elif (type(layer) is keras.layers.MaxPooling2D and layer.data_format == "channels_last"
               and tuple(layer.pool_size) == tuple(layer.strides) and layer.padding == "valid"):
             yield layer, "call", lambda inputs, layer=layer: max_pool_reshape(inputs,
@@ -87,7 +119,7 @@ _MISSING = object()
 
 @contextlib.contextmanager
 def pfor_friendly(model):
-    """Within the block, ``model``'s Conv2D and MaxPooling2D layers compute with
+    """Within the block, ``model``'s Conv1D, Conv2D and MaxPooling2D layers compute with
     vectorizable ops and its recurrent layers unroll (see the module docstring);
     restored on exit."""
     swapped = list(_swaps(model))

@@ -32,6 +32,40 @@ def test_im2col_matches_conv2d_and_its_gradients(kernel, strides, padding, dilat
         np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride, padding, dilation", [
+    (1, "valid", 1), (2, "same", 1), (1, "same", 2), (1, "causal", 2), (3, "valid", 1)])
+def test_conv1d_swap_matches_keras_conv1d_and_its_gradients(stride, padding, dilation):
+    keras.utils.set_random_seed(0)
+    layer = keras.layers.Conv1D(4, 3, strides=stride, padding=padding,
+                                dilation_rate=dilation, activation="tanh")
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 11, 3)), tf.float32)
+    layer(x)
+    swapped = vectorize._conv1d_call(layer)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, theirs = swapped(x), layer(x)
+        a, b = tf.reduce_sum(tf.sin(ours)), tf.reduce_sum(tf.sin(theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    wrt = [x, layer.kernel, layer.bias]
+    for ga, gb in zip(tape.gradient(a, wrt), tape.gradient(b, wrt), strict=True):
+        np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-4)
+
+
+def test_conv1d_population_matches_keras_and_restores_layers():
+    def model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([
+            keras.Input((12, 3)), keras.layers.Conv1D(4, 3, activation="relu"),
+            keras.layers.Conv1D(5, 2, padding="causal", dilation_rate=2),
+            keras.layers.GlobalMaxPooling1D(), keras.layers.Dense(3)])
+
+    rng = np.random.default_rng(4)
+    batches = [(rng.normal(size=(8, 12, 3)).astype("float32"), rng.integers(0, 3, 8))
+               for _ in range(4)]
+    template = _assert_population_matches_keras_sgd(model, batches, 0.05, jit_compile=False)
+    assert "call" not in vars(template.layers[0])
+
+
 def test_max_pool_reshape_matches_max_pool():
     x = tf.constant(np.random.default_rng(1).normal(size=(2, 7, 9, 3)), tf.float32)
     np.testing.assert_array_equal(vectorize.max_pool_reshape(x, (2, 3)),
