@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_es import checks
 from keras_es.engine import Population
+from keras_es.engine.population import per_key
 from keras_es.unrolled import UnrolledSystem
 
 # The most data as_tensors reads into memory before it calls a dataset endless.
@@ -60,22 +61,6 @@ def as_tensors(data, name: str):
 
 def _data_variable(tensor):
     return tf.Variable(tensor, trainable=False)
-
-
-# Up to this many keys, a per-key draw is written out once per key: N small ops that
-# the executor runs side by side. A tf.map_fn loop draws the same numbers, but its
-# iterations cost more than the draws (a step's three loops took ~7 of a window's
-# ~80 ms for 32 particles of a small MLP, 2 CPU cores); past this many keys, the
-# written-out graph would take longer to trace and optimize than it saves.
-MAX_UNROLLED_KEYS = 64
-
-
-def _per_key(fn, keys, dtype):
-    """``tf.stack([fn(k) for k in keys])`` for int32 ``keys`` ``[N, 2]``."""
-    n = keys.shape[0]
-    if n is not None and n <= MAX_UNROLLED_KEYS:
-        return tf.stack([fn(key) for key in tf.unstack(keys)])
-    return tf.map_fn(fn, keys, fn_output_signature=dtype)
 
 
 class KerasSystem(UnrolledSystem):
@@ -161,7 +146,7 @@ class KerasSystem(UnrolledSystem):
         if shared:
             index = tf.random.stateless_uniform([size], keys[0], 0, n, tf.int32)
         else:
-            index = _per_key(lambda k: tf.random.stateless_uniform([size], k, 0, n, tf.int32),
+            index = per_key(lambda k: tf.random.stateless_uniform([size], k, 0, n, tf.int32),
                              keys, tf.int32)
         return tf.gather(x, index), tf.gather(y, index)
 
@@ -169,7 +154,7 @@ class KerasSystem(UnrolledSystem):
         x, y = self._batch(self.x, self.y, keys, self.batch_size, self.shared_batch)
         state, loss = self.population.train_step(state, theta, x, y)
         if self.step_loss == "meta":
-            meta_keys = _per_key(lambda k: tf.random.experimental.stateless_fold_in(k, 1), keys,
+            meta_keys = per_key(lambda k: tf.random.experimental.stateless_fold_in(k, 1), keys,
                                  keys.dtype)
             loss = self._evaluate(state, meta_keys)
         return state, loss, None

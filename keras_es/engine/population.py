@@ -431,11 +431,11 @@ class Population:
             if "seed_generator_state" in variable.path:
                 values.append(_seed_states(keys, index, value.dtype))
             elif self.initialize == "initializers" and init is not None:
-                values.append(tf.map_fn(
+                values.append(per_key(
                     lambda k, init=init, value=value, index=index: initializers.sample(
                         init, value.shape, tf.random.experimental.stateless_fold_in(k, index),
                         value),
-                    keys, fn_output_signature=value.dtype))
+                    keys, value.dtype))
             else:
                 values.append(tf.tile(value[None], [tf.shape(keys)[0]] + [1] * value.shape.rank))
         n_train = len(self.model.trainable_variables)
@@ -683,8 +683,25 @@ def _initializer_specs(model):
     return specs
 
 
+# Up to this many keys, a per-key draw is written out once per key: N small ops that
+# the executor runs side by side. A tf.map_fn loop draws the same numbers, but its
+# iterations cost more than the draws (a step's three loops took ~7 of a window's
+# ~80 ms for 32 particles of a small MLP, 2 CPU cores); past this many keys, the
+# written-out graph would take longer to trace and optimize than it saves.
+MAX_UNROLLED_KEYS = 64
+
+
+def per_key(fn, keys, dtype):
+    """``tf.stack([fn(k) for k in keys])`` for int32 ``keys`` ``[N, 2]``."""
+    n = keys.shape[0]
+    if n is not None and n <= MAX_UNROLLED_KEYS:
+        return tf.stack([fn(key) for key in tf.unstack(keys)])
+    return tf.map_fn(fn, keys, fn_output_signature=dtype)
+
+
 def _seed_states(keys, index, dtype):
-    folded = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k, index), keys)
+    folded = per_key(lambda k: tf.random.experimental.stateless_fold_in(k, index), keys,
+                     tf.int32)
     return tf.cast(folded, dtype)
 
 

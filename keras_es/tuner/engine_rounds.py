@@ -34,6 +34,7 @@ import tensorflow as tf
 from keras_es import engine
 from keras_es.callback import keras_optimizers
 from keras_es.engine.keras_system import as_tensors
+from keras_es.engine.population import per_key
 from keras_es.transforms import Hyperparameter, SearchSpace
 from keras_es.unrolled import select
 
@@ -260,8 +261,8 @@ class EngineRounds:
         rows = tf.shape(x)[0]
 
         def body(j, state, total):
-            index = tf.map_fn(lambda k: tf.random.stateless_uniform(
-                [self.batch_size], k, 0, rows, tf.int32), keys[j])
+            index = per_key(lambda k: tf.random.stateless_uniform(
+                [self.batch_size], k, 0, rows, tf.int32), keys[j], tf.int32)
             state, loss = self.population.train_step(state, theta, tf.gather(x, index),
                                                      tf.gather(y, index))
             return j + 1, state, total + loss
