@@ -233,12 +233,20 @@ def es_search(task: Task, name: str, seed: int, budget: int, directory: str, set
     n, windows = settings["num_particles"], settings["windows"]
     length = max(1, task.run_steps // windows)
     horizon = length * windows
+    outer = {"outer_learning_rate": settings["outer_learning_rate"]}
+    if settings.get("outer_beta_2") is not None:  # Adam at the budget's rate, this beta_2
+        estimator = keras_es.estimators.resolve(name, truncation_length=length,
+                                                horizon=horizon)
+        steps = len(keras_es.tuner.search_state.plan_rounds(estimator, n, budget // length))
+        rate = settings["outer_learning_rate"] or keras_es.outer.outer_learning_rate_for(steps)
+        outer = {"outer_optimizer": keras.optimizers.Adam(rate,
+                                                          beta_2=settings["outer_beta_2"])}
     tuner = _TimedESSearch(
         task.hypermodel, objective="val_loss", max_trials=budget // length, estimator=name,
         num_particles=n, truncation_length=length, horizon=horizon, seed=seed,
-        sigma=settings["sigma"], outer_learning_rate=settings["outer_learning_rate"],
-        meta_objective=settings["meta_objective"], execution="engine",
-        directory=directory, project_name=f"{name}_{seed}_{budget}", overwrite=True)
+        sigma=settings["sigma"], meta_objective=settings["meta_objective"],
+        execution="engine", directory=directory, project_name=f"{name}_{seed}_{budget}",
+        overwrite=True, **outer)
     tuner.ends, start = {}, time.perf_counter()
     tuner.search(task.x, task.y, batch_size=BATCH, validation_data=(task.xv, task.yv),
                  verbose=0)
@@ -353,8 +361,13 @@ def summarize(runs: dict, tasks, budgets, seeds) -> dict:
                 got = [g for g in got if g]
                 if not got:
                     continue
+                losses = [g["test_loss"] for g in got]
                 cell[method] = {
-                    "test_loss": interval([g["test_loss"] for g in got]),
+                    "test_loss": interval(losses),
+                    # A diverged run (None) counts as the worst; one such retrain swamps
+                    # a mean of 5, so the median is reported beside it.
+                    "test_loss_median": float(np.median([np.inf if v is None else v
+                                                         for v in losses])),
                     "test_accuracy": interval([g["test_accuracy"] for g in got]),
                     "wall_s": float(np.mean([g["wall_s"] for g in got])),
                     "steps": float(np.mean([g["steps"] for g in got]))}
@@ -382,11 +395,11 @@ def _fmt(cell: dict) -> str:
 
 
 def markdown(table: dict, tasks, budgets) -> str:
-    """The table as Markdown: per task and budget, every method's test loss and
-    accuracy (mean [95% interval]), mean wall time and training steps; then ES-Single's
+    """The table as Markdown: per task and budget, every method's test loss (mean [95%
+    interval] and median) and accuracy, mean wall time and training steps; then ES-Single's
     paired differences to the keras-tuner oracles."""
-    lines = ["| task | budget | method | test loss | test accuracy | wall s | steps |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | budget | method | test loss | median | test accuracy | wall s | steps |",
+             "|---|---|---|---|---|---|---|---|"]
     diffs = ["| task | budget | oracle | ES-Single minus oracle (test loss) | verdict |",
              "|---|---|---|---|---|"]
     for task in tasks:
@@ -396,6 +409,7 @@ def markdown(table: dict, tasks, budgets) -> str:
                 if method in cell:
                     c = cell[method]
                     lines.append(f"| {task} | {m}x | {method} | {_fmt(c['test_loss'])} | "
+                                 f"{c['test_loss_median']:.3f} | "
                                  f"{_fmt(c['test_accuracy'])} | {c['wall_s']:.0f} | "
                                  f"{c['steps']:.0f} |")
             for oracle in KT_ORACLES:
@@ -409,27 +423,28 @@ def markdown(table: dict, tasks, budgets) -> str:
 
 
 def plot(table: dict, tasks, budgets, path: pathlib.Path) -> None:
+    """Median test loss against budget per task and method (log scale: a diverged
+    retrain's loss is 10-50x a good one's; the table gives means and intervals)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for k, method in enumerate(METHODS):
-            xs, ys, errs = [], [], []
+            xs, ys = [], []
             for m in budgets:
                 cell = table.get(f"{task}/{m}", {}).get(method)
-                if not cell or cell["test_loss"]["mean"] is None:
-                    continue
-                loss = cell["test_loss"]
-                xs.append(m * (1 + 0.03 * (k - len(METHODS) / 2)))
-                ys.append(loss["mean"])
-                errs.append(0.0 if loss["high"] is None else loss["high"] - loss["mean"])
+                if cell and np.isfinite(cell["test_loss_median"]):
+                    xs.append(m * (1 + 0.03 * (k - len(METHODS) / 2)))
+                    ys.append(cell["test_loss_median"])
             if xs:
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method)
+                es = method in ("es_single", "pes") or method.startswith("callback")
+                ax.plot(xs, ys, marker="o", linestyle="-" if es else "--", label=method)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xticks(list(budgets), [f"{m}x" for m in budgets])
         ax.set_xlabel("budget (final training runs)")
-        ax.set_ylabel("test loss (mean, 95% interval)")
+        ax.set_ylabel("test loss (median over seeds)")
         ax.set_title(task)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -10,7 +10,9 @@ split). Configurations are overrides of the benchmark's ES settings:
   ``meta_objective="final"`` (the benchmark's setting before this sweep);
 * ``s03``, ``s05``: sigma 0.3, 0.5; ``n4``: N = 4; ``w8``: K = S / 8;
 * ``sum``: ``meta_objective="sum"`` (ESSearch's default), and ``sum_*`` combined with the
-  above.
+  above; ``sum_b2``: the outer Adam with ``beta_2=0.9`` instead of Keras's 0.999 (see
+  docs/tuning-quality.md: a long search whose theta a run of large estimates pushed to
+  the bottom of the learning-rate range stayed there under 0.999).
 
     python benchmarks/tuning_quality_settings.py            # resumes from its JSON
 
@@ -41,6 +43,7 @@ CONFIGS = {
     "sum_s03": {"meta_objective": "sum", "sigma": 0.3},
     "sum_n4": {"meta_objective": "sum", "num_particles": 4},
     "sum_w8": {"meta_objective": "sum", "windows": 8},
+    "sum_b2": {"meta_objective": "sum", "outer_beta_2": 0.9},
 }
 BASE = {"num_particles": 8, "windows": 16, "sigma": None, "outer_learning_rate": None,
         "meta_objective": "final"}
