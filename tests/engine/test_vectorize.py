@@ -56,6 +56,7 @@ def test_conv1d_population_matches_keras_and_restores_layers():
         keras.utils.set_random_seed(0)
         return keras.Sequential([
             keras.Input((12, 3)), keras.layers.Conv1D(4, 3, activation="relu"),
+            keras.layers.MaxPooling1D(2),
             keras.layers.Conv1D(5, 2, padding="causal", dilation_rate=2),
             keras.layers.GlobalMaxPooling1D(), keras.layers.Dense(3)])
 
@@ -63,7 +64,14 @@ def test_conv1d_population_matches_keras_and_restores_layers():
     batches = [(rng.normal(size=(8, 12, 3)).astype("float32"), rng.integers(0, 3, 8))
                for _ in range(4)]
     template = _assert_population_matches_keras_sgd(model, batches, 0.05, jit_compile=False)
-    assert "call" not in vars(template.layers[0])
+    assert "call" not in vars(template.layers[0]) and "call" not in vars(template.layers[1])
+
+
+def test_max_pool1d_reshape_matches_max_pool1d():
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, 3, 11, 4)), tf.float32)
+    got = vectorize.max_pool1d_reshape(x, 3)
+    want = tf.reshape(tf.nn.max_pool1d(tf.reshape(x, [6, 11, 4]), 3, 3, "VALID"), [2, 3, 3, 4])
+    np.testing.assert_array_equal(got, want)
 
 
 def test_max_pool_reshape_matches_max_pool():
