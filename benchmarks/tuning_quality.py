@@ -443,6 +443,7 @@ def plot(table: dict, tasks, budgets, path: pathlib.Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(list(budgets), [f"{m}x" for m in budgets])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("budget (final training runs)")
         ax.set_ylabel("test loss (median over seeds)")
         ax.set_title(task)
