@@ -454,6 +454,13 @@ def plot(table: dict, tasks, budgets, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def set_threads(threads: int) -> None:
+    """TF's intra- and inter-op threads (0: TF's choice), before TF runs anything."""
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -481,9 +488,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--markdown", action="store_true",
                         help="Print the summary table as Markdown at the end.")
     args = parser.parse_args(argv)
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    set_threads(args.threads)
     if args.quick:
         args.tasks, args.seeds, args.budgets = args.tasks[:1], args.seeds[:1], [2, 4]
     settings = {"num_particles": args.num_particles, "windows": args.windows,

@@ -83,8 +83,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=pathlib.Path,
                         default=tq.RESULTS / "tuning_quality_settings.json")
     args = parser.parse_args(argv)
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    tq.set_threads(args.threads)
     saved = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = saved.get("runs", {})
     tasks = {name: tq.Task(name) for name in args.tasks}
