@@ -166,8 +166,9 @@ class Task:
         self.hypermodel(hp)
         self.space = hp
 
-    def retrain(self, values: dict, seed: int, optimizer=None) -> dict:
-        """One final training run at ``values``, scored on the test split."""
+    def retrain(self, values: dict, seed: int, optimizer=None, split: str = "test") -> dict:
+        """One final training run at ``values``, scored on the ``split`` split ("test",
+        or "val" to choose settings without looking at the test split)."""
         keras.utils.set_random_seed(10_000 + seed)
         hp = self.space.copy()
         hp.values = {**hp.values, **values}
@@ -175,13 +176,13 @@ class Task:
         if optimizer is not None:
             model.compile(optimizer, loss=model.loss, metrics=["accuracy"])
         model.fit(self.x, self.y, epochs=EPOCHS, batch_size=BATCH, verbose=0)
-        loss, accuracy = model.evaluate(self.xt, self.yt, verbose=0)
-        return _score(loss, accuracy)
+        x, y = (self.xt, self.yt) if split == "test" else (self.xv, self.yv)
+        return _score(*model.evaluate(x, y, verbose=0), split)
 
 
-def _score(loss, accuracy) -> dict:
+def _score(loss, accuracy, split: str = "test") -> dict:
     loss = float(loss) if np.isfinite(loss) else None  # a diverged run: no finite score
-    return {"test_loss": loss, "test_accuracy": float(accuracy)}
+    return {f"{split}_loss": loss, f"{split}_accuracy": float(accuracy)}
 
 
 # ---------------------------------------------------------------------- searches
@@ -234,13 +235,12 @@ def es_search(task: Task, name: str, seed: int, budget: int, directory: str, set
     length = max(1, task.run_steps // windows)
     horizon = length * windows
     outer = {"outer_learning_rate": settings["outer_learning_rate"]}
-    if settings.get("outer_beta_2") is not None:  # Adam at the budget's rate, this beta_2
+    if settings.get("outer_beta_2") is not None:
         estimator = keras_es.estimators.resolve(name, truncation_length=length,
                                                 horizon=horizon)
-        steps = len(keras_es.tuner.search_state.plan_rounds(estimator, n, budget // length))
-        rate = settings["outer_learning_rate"] or keras_es.outer.outer_learning_rate_for(steps)
-        outer = {"outer_optimizer": keras.optimizers.Adam(rate,
-                                                          beta_2=settings["outer_beta_2"])}
+        outer = {"outer_optimizer": budget_adam(estimator, n, budget // length,
+                                                settings["outer_beta_2"],
+                                                settings["outer_learning_rate"])}
     tuner = _TimedESSearch(
         task.hypermodel, objective="val_loss", max_trials=budget // length, estimator=name,
         num_particles=n, truncation_length=length, horizon=horizon, seed=seed,
@@ -256,6 +256,15 @@ def es_search(task: Task, name: str, seed: int, budget: int, directory: str, set
         trials += size
         track.append((trials * length, entry["values"], tuner.ends[entry["round"]] - start))
     return track
+
+
+def budget_adam(estimator, num_particles: int, max_trials: int, beta_2: float,
+                rate: float | None = None) -> keras.optimizers.Adam:
+    """Adam with ``beta_2`` at ``rate``, or at the rate ESSearch picks from the outer
+    steps ``max_trials`` buys (`keras_es.outer.outer_learning_rate_for`)."""
+    steps = len(keras_es.tuner.search_state.plan_rounds(estimator, num_particles, max_trials))
+    return keras.optimizers.Adam(rate or keras_es.outer.outer_learning_rate_for(steps),
+                                 beta_2=beta_2)
 
 
 class _TimedESSearch(keras_es.ESSearch):

@@ -29,9 +29,7 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import keras  # noqa: E402
 import tuning_quality as tq  # noqa: E402
-import tuning_quality_settings as tqs  # noqa: E402
 
 import keras_es  # noqa: E402
 
@@ -52,9 +50,7 @@ def search(task: tq.Task, seed: int, budget_runs: int, variant: str) -> list[dic
     if variant == "beta_2":
         estimator = keras_es.estimators.resolve("es_single", truncation_length=length,
                                                 horizon=task.run_steps)
-        steps = len(keras_es.tuner.search_state.plan_rounds(estimator, 8, trials))
-        settings["outer_optimizer"] = keras.optimizers.Adam(
-            keras_es.outer.outer_learning_rate_for(steps), beta_2=0.9)
+        settings["outer_optimizer"] = tq.budget_adam(estimator, 8, trials, beta_2=0.9)
     with tempfile.TemporaryDirectory() as directory:
         tuner = keras_es.ESSearch(task.hypermodel, objective="val_loss", max_trials=trials,
                                   num_particles=8, seed=seed, execution="engine",
@@ -86,7 +82,7 @@ def main(argv=None) -> dict:
         history = search(task, args.seed, args.budget, variant)
         final = history[-1]["values"]
         result["variants"][variant] = {
-            "final": final, "retrain": tqs.validation_retrain(task, final, args.seed),
+            "final": final, "retrain": task.retrain(final, args.seed, split="val"),
             "history": history}
         print(variant, final, result["variants"][variant]["retrain"], flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

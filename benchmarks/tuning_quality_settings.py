@@ -32,7 +32,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tuning_quality as tq  # noqa: E402
@@ -47,18 +46,6 @@ CONFIGS = {
 }
 BASE = {"num_particles": 8, "windows": 16, "sigma": None, "outer_learning_rate": None,
         "meta_objective": "final"}
-
-
-def validation_retrain(task: tq.Task, values: dict, seed: int) -> dict:
-    """`tq.Task.retrain`, scored on the validation split instead of the test split."""
-    keras.utils.set_random_seed(10_000 + seed)
-    hp = task.space.copy()
-    hp.values = {**hp.values, **values}
-    model = task.hypermodel(hp)
-    model.fit(task.x, task.y, epochs=tq.EPOCHS, batch_size=tq.BATCH, verbose=0)
-    loss, accuracy = model.evaluate(task.xv, task.yv, verbose=0)
-    return {"val_loss": float(loss) if np.isfinite(loss) else None,
-            "val_accuracy": float(accuracy)}
 
 
 def table(runs: dict) -> dict:
@@ -100,7 +87,7 @@ def main(argv=None) -> dict:
                     track = tq.es_search(task, "es_single", seed, budget, directory, settings)
                 entry = tq._at_budget(track, budget)
                 values = entry[1] if entry else {}
-                runs[key] = {**validation_retrain(task, values, seed), "values": values,
+                runs[key] = {**task.retrain(values, seed, split="val"), "values": values,
                              "wall_s": time.perf_counter() - start}
                 print(key, runs[key]["val_loss"], values, flush=True)
                 _write(args.out, runs)
