@@ -35,3 +35,17 @@ class TensorSaveable(tf.__internal__.tracking.Trackable):
     def _restore_from_tensors(self, restored_tensors):
         self.restore_tensors(restored_tensors)
         return tf.no_op()
+
+
+def compiling_with_xla() -> bool:
+    """Whether the graph being traced (or one it is nested in) will be compiled by XLA
+    (``tf.function(jit_compile=True)``).
+
+    TensorFlow marks such graphs with an XLA control-flow context, and its only reader
+    is the private ``control_flow_util.GraphOrParentsInXlaContext``. Graph-building
+    choices that help TensorFlow's executor can cost XLA minutes of compilation (see
+    `keras_es.engine.population.per_key`).
+    """
+    from tensorflow.python.ops import control_flow_util
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))

@@ -46,3 +46,23 @@ def test_tensor_saveable_round_trips_through_a_checkpoint(tmp_path):
     assert target.restored == ["doubled"], (
         "TensorFlow no longer calls Trackable._restore_from_tensors on restore")
     np.testing.assert_allclose(target.value.numpy(), [1.0, 2.0])
+
+
+def test_compiling_with_xla_is_seen_inside_jit_functions_and_their_loops():
+    seen = []
+
+    def probe(x):
+        seen.append(tf_compat.compiling_with_xla())
+        return x
+
+    def loop(x):
+        return tf.while_loop(lambda i, x: i < 2, lambda i, x: (i + 1, probe(x)), (0, x))[1]
+
+    tf.function(probe, jit_compile=True)(tf.constant(1.0))
+    tf.function(loop, jit_compile=True)(tf.constant(1.0))
+    tf.function(probe)(tf.constant(2.0))
+    tf.function(loop)(tf.constant(2.0))
+    probe(tf.constant(3.0))  # eager
+    assert seen == [True, True, False, False, False], (
+        "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext no longer "
+        f"sees tf.function(jit_compile=True): {seen}")
