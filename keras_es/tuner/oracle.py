@@ -67,7 +67,7 @@ _GUIDED = ("guided=... is not available in ESOracle: guided ES samples along sur
            "or ESCallback, or leave guided unset.")
 
 
-class ESOracle(keras_tuner.Oracle):
+class ESOracle(kt_compat.HeldSaves, keras_tuner.Oracle):
     """Evolution-strategies hyperparameter search: ES-Single, PES, truncated ES or full
     ES.
 
@@ -263,7 +263,7 @@ class ESOracle(keras_tuner.Oracle):
     # ------------------------------------------------------------------ keras-tuner API
     def populate_space(self, trial_id):
         if self._search is None:
-            self._start()
+            self._search = _start(self)
         if not _round_fits(self):
             return {"status": trial_module.TrialStatus.STOPPED}
         values = self._search.assign(trial_id)
@@ -319,6 +319,13 @@ class ESOracle(keras_tuner.Oracle):
         if self._es is not None:
             _note_untuned(self._es, self.hyperparameters)
 
+    def holding_saves(self) -> bool:
+        """Whether keras-tuner's writes wait for the round's end: while a round runs on
+        the particle engine, whose round file answers its trials again after a kill
+        (`keras_es.tuner.kt_compat.HeldSaves`)."""
+        es = self._es
+        return bool(es and es.get("execution") == "engine" and es["round"]["trial_ids"])
+
     def get_state(self):
         state = super().get_state()
         state["es"] = copy.deepcopy(self._es)
@@ -344,23 +351,6 @@ class ESOracle(keras_tuner.Oracle):
             by_name = {hp.name: hp for hp in hps}
             return [by_name[n] for n in self._es["config"]["names"] if n in by_name]
         return hps
-
-    def _new_search(self, es=None) -> SearchState:
-        return SearchState(self.estimator, self.num_particles, int(self.seed),
-                           self.truncation_length, self.unit, self.outer_optimizer,
-                           self._decode, (self.objective.name, self.objective.direction),
-                           es)
-
-    def _start(self) -> None:
-        """Encodes the defaults into theta and plans the first round."""
-        if self.estimator is None:
-            raise ValueError("horizon=None: the length of a training run is not known yet; "
-                             "run the search through ESTuner.search(..., epochs=...), which "
-                             "sets it, or pass horizon= to ESOracle.")
-        tuned = self._tuned()
-        theta, held = _initial(tuned, self.per_episode)
-        self._search = self._new_search()
-        self._search.start({**_config(self), "names": [hp.name for hp in tuned]}, theta, held)
 
     def _decode(self, theta, gumbel=None) -> dict:
         """theta -> plain Python values of the hyperparameters active for these values
@@ -533,6 +523,25 @@ def _steps_estimator(spec, settings: dict, horizon: int | None) -> estimators_li
     return estimators_lib.resolve(spec, horizon=horizon, **settings)
 
 
+def _new_search(oracle: ESOracle, es=None) -> SearchState:
+    return SearchState(oracle.estimator, oracle.num_particles, int(oracle.seed),
+                       oracle.truncation_length, oracle.unit, oracle.outer_optimizer,
+                       oracle._decode, (oracle.objective.name, oracle.objective.direction), es)
+
+
+def _start(oracle: ESOracle) -> SearchState:
+    """A new search: the defaults encoded into theta, the first round planned."""
+    if oracle.estimator is None:
+        raise ValueError("horizon=None: the length of a training run is not known yet; "
+                         "run the search through ESTuner.search(..., epochs=...), which "
+                         "sets it, or pass horizon= to ESOracle.")
+    tuned = oracle._tuned()
+    theta, held = _initial(tuned, oracle.per_episode)
+    search = _new_search(oracle)
+    search.start({**_config(oracle), "names": [hp.name for hp in tuned]}, theta, held)
+    return search
+
+
 def _resume(oracle: ESOracle, es: dict) -> SearchState:
     """The search state of a saved search, checked against this oracle; an oracle built
     with horizon=None takes the saved horizon, and one without sigma the saved sigma."""
@@ -545,7 +554,7 @@ def _resume(oracle: ESOracle, es: dict) -> SearchState:
     oracle._make_estimator()
     _check_config(saved, _config(oracle))
     upgrade(es)
-    search = oracle._new_search(es)
+    search = _new_search(oracle, es)
     _check_dim(es["theta"], sum(kt_space.width(hp) for hp in oracle._tuned()))
     search.restore_optimizer()
     return search

@@ -169,12 +169,16 @@ def test_a_killed_engine_search_resumes_exactly(tmp_path):
     reference.mkdir()
     crashed.mkdir()
     ref = _run(str(reference), "--engine", wait=False)
-    # Killed after the first trial of round 1 trained the round and saved its states,
-    # before its result reached the oracle.
-    first = _run(str(crashed), "--engine", "--kill-after-trial", "3")
+    # Killed mid-round: round 1's first trial (trial 3) trained the round and saved its
+    # states, trials 3 and 4 reported, trial 5 ran and had not reported. The oracle
+    # writes at round ends on the engine path, so storage still holds round 1's start.
+    first = _run(str(crashed), "--engine", "--kill-after-trial", "5")
     assert first.returncode == -signal.SIGKILL
     files = os.listdir(crashed / "search" / "es_engine")
     assert "round_00001.npz" in files
+    saved = _state(str(crashed))
+    assert saved["es"]["round_index"] == 1 and saved["end_order"] == ["00", "01"]
+    assert not (crashed / "search" / "trial_03").exists()
     second = _run(str(crashed), "--engine")
     assert second.returncode == 0, open(second.log).read()[-2000:]
     assert ref.wait(timeout=600) == 0
@@ -186,6 +190,13 @@ def test_a_killed_engine_search_resumes_exactly(tmp_path):
         [h["val_loss"] for h in expected["history"]]
     assert [h["gradient"] for h in done["history"]] == \
         [h["gradient"] for h in expected["history"]]
+    # Every trial recorded once, under the ids of the uninterrupted run.
+    ended = _state(str(crashed))["end_order"]
+    assert ended == _state(str(reference))["end_order"]
+    assert len(ended) == len(set(ended)) == 14
+    trial_dirs = sorted(p.name for p in (crashed / "search").iterdir()
+                        if p.name.startswith("trial_"))
+    assert trial_dirs == [f"trial_{i:02d}" for i in range(14)]
 
 
 def test_a_search_resumes_only_with_the_same_estimator_options(tmp_path):

@@ -40,3 +40,45 @@ def test_display_prints_a_trial_banner(tmp_path, capsys):
     capsys.readouterr()
     kt_compat.display_trial_begin(oracle, trial)
     assert "Running Trial" in capsys.readouterr().out
+
+
+class _Holding(kt_compat.HeldSaves, kt.oracles.RandomSearchOracle):
+    hold = True
+
+    def holding_saves(self):
+        return self.hold
+
+
+def test_held_saves_wait_for_the_flush(tmp_path):
+    # keras-tuner writes trial.json through the private Oracle._save_trial on
+    # create_trial, update_trial and end_trial, and oracle.json through save().
+    assert callable(getattr(kt.Oracle, "_save_trial", None)), \
+        "keras_tuner.Oracle._save_trial moved"
+    written = []
+    plain = _oracle(tmp_path / "plain")
+    plain._save_trial = lambda trial: written.append(trial.trial_id)
+    plain.hyperparameters.Float("lr", 0.1, 1.0)
+    trial = plain.create_trial("t")
+    plain.update_trial(trial.trial_id, {"val_loss": 1.0})
+    trial.status = "COMPLETED"
+    plain.end_trial(trial)
+    assert written == [trial.trial_id] * 3, "keras-tuner no longer saves trials via _save_trial"
+
+    oracle = _Holding(objective="val_loss", max_trials=2)
+    oracle._set_project_dir(str(tmp_path), "p")
+    oracle.hyperparameters.Float("lr", 0.1, 1.0)
+    trial = oracle.create_trial("t")
+    oracle.update_trial(trial.trial_id, {"val_loss": 1.0})
+    trial.status = "COMPLETED"
+    oracle.end_trial(trial)
+    project = tmp_path / "p"
+    assert not (project / "oracle.json").exists()
+    assert not (project / f"trial_{trial.trial_id}" / "trial.json").exists()
+    oracle.hold = False
+    oracle.flush_saves()
+    assert (project / f"trial_{trial.trial_id}" / "trial.json").exists()
+    reloaded = kt.oracles.RandomSearchOracle(objective="val_loss", max_trials=2)
+    reloaded._set_project_dir(str(tmp_path), "p")
+    reloaded.reload()
+    assert reloaded.end_order == [trial.trial_id]
+    assert reloaded.trials[trial.trial_id].score == 1.0
