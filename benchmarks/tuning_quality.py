@@ -241,12 +241,19 @@ def es_search(task: Task, name: str, seed: int, budget: int, directory: str, set
         outer = {"outer_optimizer": budget_adam(estimator, n, budget // length,
                                                 settings["outer_beta_2"],
                                                 settings["outer_learning_rate"])}
+    # The oracle's own settings, or an estimator carrying them where a setting only an
+    # Estimator takes (fitness_shaping) is given.
+    estimator = {"estimator": name, "truncation_length": length, "horizon": horizon,
+                 "sigma": settings["sigma"], "meta_objective": settings["meta_objective"]}
+    if settings.get("fitness_shaping") is not None:
+        estimator = {"estimator": keras_es.estimators.resolve(
+            name, sigma=settings["sigma"], truncation_length=length, horizon=horizon,
+            meta_objective=settings["meta_objective"],
+            fitness_shaping=settings["fitness_shaping"])}
     tuner = _TimedESSearch(
-        task.hypermodel, objective="val_loss", max_trials=budget // length, estimator=name,
-        num_particles=n, truncation_length=length, horizon=horizon, seed=seed,
-        sigma=settings["sigma"], meta_objective=settings["meta_objective"],
-        execution="engine", directory=directory, project_name=f"{name}_{seed}_{budget}",
-        overwrite=True, **outer)
+        task.hypermodel, objective="val_loss", max_trials=budget // length,
+        num_particles=n, seed=seed, execution="engine", directory=directory,
+        project_name=f"{name}_{seed}_{budget}", overwrite=True, **estimator, **outer)
     tuner.ends, start = {}, time.perf_counter()
     tuner.search(task.x, task.y, batch_size=BATCH, validation_data=(task.xv, task.yv),
                  verbose=0)

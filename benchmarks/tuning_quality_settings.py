@@ -12,7 +12,9 @@ split). Configurations are overrides of the benchmark's ES settings:
 * ``sum``: ``meta_objective="sum"`` (ESSearch's default), and ``sum_*`` combined with the
   above; ``sum_b2``: the outer Adam with ``beta_2=0.9`` instead of Keras's 0.999 (see
   docs/tuning-quality.md: a long search whose theta a run of large estimates pushed to
-  the bottom of the learning-rate range stayed there under 0.999).
+  the bottom of the learning-rate range stayed there under 0.999); ``sum_rank``:
+  ``fitness_shaping="rank"`` (each pair's estimate weighted by the signed rank of its
+  loss difference, so one pair whose twin stalls cannot outweigh the others).
 
     python benchmarks/tuning_quality_settings.py            # resumes from its JSON
 
@@ -43,6 +45,7 @@ CONFIGS = {
     "sum_n4": {"meta_objective": "sum", "num_particles": 4},
     "sum_w8": {"meta_objective": "sum", "windows": 8},
     "sum_b2": {"meta_objective": "sum", "outer_beta_2": 0.9},
+    "sum_rank": {"meta_objective": "sum", "fitness_shaping": "rank"},
 }
 BASE = {"num_particles": 8, "windows": 16, "sigma": None, "outer_learning_rate": None,
         "meta_objective": "final"}
