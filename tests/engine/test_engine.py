@@ -135,6 +135,29 @@ def test_dropout_masks_shared_by_twins_distinct_across_pairs(mlp_population):
     assert loss[0] == loss[1] and loss[2] == loss[3] and loss[0] != loss[2]
 
 
+def test_per_key_draws_are_written_out_in_graphs_and_a_loop_under_xla():
+    from keras_es.engine.population import per_key
+
+    keys = tf.constant([[i, 7] for i in range(6)], tf.int32)
+
+    def draw(keys):
+        return per_key(lambda k: tf.random.stateless_uniform([3], k), keys, tf.float32)
+
+    loops = {}
+    for jit in (False, True):
+        # XLA's stateless generator gives other numbers than TensorFlow's kernels: each
+        # mode is compared with one draw per key in that mode.
+        one = tf.function(lambda k: tf.random.stateless_uniform([3], k), jit_compile=jit)
+        expected = np.stack([one(k).numpy() for k in keys])
+        fn = tf.function(draw, jit_compile=jit)
+        np.testing.assert_allclose(fn(keys).numpy(), expected, rtol=1e-6)
+        ops = fn.get_concrete_function(keys).graph.get_operations()
+        loops[jit] = sum(op.type in ("While", "StatelessWhile") for op in ops)
+    # Written out in graph mode (cheaper for the executor); under XLA a loop, which
+    # compiles in a fraction of the time for many keys.
+    assert loops == {False: 0, True: 1}
+
+
 def test_reset_restores_fresh_particles_only(mlp_population):
     keys = tf.constant([[1, 2], [1, 2], [3, 4], [3, 4]], tf.int32)
     fresh = mlp_population.init(keys)
