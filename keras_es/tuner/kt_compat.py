@@ -31,9 +31,10 @@ class HeldSaves:
     """Lets an oracle hold back keras-tuner's writes while ``holding_saves()`` is true.
 
     keras-tuner writes ``oracle.json`` (``Oracle.save``) and the trial's ``trial.json``
-    (the private ``Oracle._save_trial``) when a trial is created, updated and ended, and
-    ``Tuner.on_trial_end`` writes ``oracle.json`` once more: seven writes per trial, which
-    cost more than a trial of a round on the particle engine. There, every trial of a
+    (the private ``Oracle._save_trial``) when a trial is created and ended, the trial's
+    file again when it is updated, and ``Tuner.on_trial_end`` writes ``oracle.json`` once
+    more: six writes per trial, which cost more than a trial of a round on the particle
+    engine. There, every trial of a
     round can be answered again from the round's file, so `keras_es.ESOracle` writes at
     round ends only: a search killed mid-round resumes from the round's start and reads
     its trials' results back without training twice. Mix in before
@@ -53,15 +54,12 @@ class HeldSaves:
         super()._save_trial(trial)
 
     def save(self):
-        if self.holding_saves():
-            self.__dict__["_held_oracle"] = True
-            return
-        self.flush_saves()
+        if not self.holding_saves():
+            self.flush_saves()
 
     def flush_saves(self) -> None:
         """Writes the held trials, then ``oracle.json``."""
         held = self.__dict__.setdefault("_held_trials", {})
         for trial_id in list(held):
             super()._save_trial(held.pop(trial_id))
-        self.__dict__["_held_oracle"] = False
         super().save()

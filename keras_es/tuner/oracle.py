@@ -342,6 +342,7 @@ class ESOracle(kt_compat.HeldSaves, keras_tuner.Oracle):
                 "ESOracle cannot resume it; restore oracle.json, or start over with "
                 "overwrite=True (or another project_name).")
         self._search = None if es is None else _resume(self, es)
+        _forget_unrecorded_trials(self)
 
     # ------------------------------------------------------------------ search state
     def _tuned(self):
@@ -521,6 +522,22 @@ def _steps_estimator(spec, settings: dict, horizon: int | None) -> estimators_li
     if spec == "full_es":
         settings.pop("truncation_length", None)  # checked: it equals the horizon
     return estimators_lib.resolve(spec, horizon=horizon, **settings)
+
+
+def _forget_unrecorded_trials(oracle: ESOracle) -> None:
+    """Drops reloaded trials that oracle.json does not record. keras-tuner writes a
+    trial's file before oracle.json (and on the particle engine a round's files at its
+    end), so a run killed in between leaves files that keras-tuner would count: every
+    later trial id would shift (two trials can then get one id) and ``max_trials``
+    would be spent on them. Their work is done again under the same ids (on the engine,
+    read back from the round's file)."""
+    unknown = sorted(t for t in oracle.trials if t not in set(oracle.start_order))
+    for trial_id in unknown:
+        del oracle.trials[trial_id]
+    if unknown:
+        print(f"ESOracle: ignoring the saved files of trial(s) {', '.join(unknown)}, which "
+              "oracle.json does not record (the last run stopped while saving); they run "
+              "again under the same ids.")
 
 
 def _new_search(oracle: ESOracle, es=None) -> SearchState:

@@ -3,6 +3,7 @@ budget: one outer step per round, rounds never cut off."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -197,6 +198,29 @@ def test_a_killed_engine_search_resumes_exactly(tmp_path):
     trial_dirs = sorted(p.name for p in (crashed / "search").iterdir()
                         if p.name.startswith("trial_"))
     assert trial_dirs == [f"trial_{i:02d}" for i in range(14)]
+
+
+def test_trial_files_oracle_json_does_not_record_are_ignored_on_resume(tmp_path, capsys):
+    # A kill while a round's files are written (each trial's file, then oracle.json)
+    # leaves trial files that oracle.json, still at the round's start, does not record.
+    x, y, xv, yv = _data()
+    args = dict(x=x, y=y, validation_data=(xv, yv), batch_size=16, verbose=0)
+    reference = _search(tmp_path, name="reference")
+    reference.search(**args)
+    first = _search(tmp_path, max_trials=10)  # two rounds of 4; ids of two digits
+    first.search(**args)
+    assert first.oracle.end_order[-1] == "07"
+    project = tmp_path / "p"
+    saved = json.loads((project / "trial_07" / "trial.json").read_text())
+    (project / "trial_08").mkdir()
+    (project / "trial_08" / "trial.json").write_text(json.dumps({**saved, "trial_id": "08"}))
+    resumed = _search(tmp_path, overwrite=False)
+    resumed.search(**args)
+    assert "ignoring the saved files of trial(s) 08" in capsys.readouterr().out
+    oracle = resumed.oracle
+    assert oracle.end_order == reference.oracle.end_order == [f"{i:02d}" for i in range(12)]
+    assert len(oracle.history) == 3
+    assert oracle.search_state.es["theta"] == reference.oracle.search_state.es["theta"]
 
 
 def test_a_search_resumes_only_with_the_same_estimator_options(tmp_path):
