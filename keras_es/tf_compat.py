@@ -44,9 +44,8 @@ def compiling_with_xla() -> bool:
     TensorFlow marks such graphs with an XLA control-flow context, and its only reader
     is the private ``control_flow_util.GraphOrParentsInXlaContext``. XLA's
     auto-clustering (``tf.config.optimizer.set_jit``, ``TF_XLA_FLAGS``) leaves no such
-    mark: it is not seen here. Graph-building
-    choices that help TensorFlow's executor can cost XLA minutes of compilation (see
-    `keras_es.engine.population.per_key`).
+    mark: it is not seen here. Graph-building choices that help TensorFlow's executor
+    can cost XLA minutes of compilation (see `keras_es.engine.population.per_key`).
     """
     from tensorflow.python.ops import control_flow_util
 

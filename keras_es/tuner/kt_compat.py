@@ -34,12 +34,11 @@ class HeldSaves:
     (the private ``Oracle._save_trial``) when a trial is created and ended, the trial's
     file again when it is updated, and ``Tuner.on_trial_end`` writes ``oracle.json`` once
     more: six writes per trial, which cost more than a trial of a round on the particle
-    engine. There, every trial of a
-    round can be answered again from the round's file, so `keras_es.ESOracle` writes at
-    round ends only: a search killed mid-round resumes from the round's start and reads
-    its trials' results back without training twice. Mix in before
-    `keras_tuner.Oracle`; ``flush_saves()`` writes what was held (the trials first, so
-    ``oracle.json`` never names a trial without a file).
+    engine. There, every trial of a round can be answered again from the round's file,
+    so `keras_es.ESOracle` writes at round ends only: a search killed mid-round resumes
+    from the round's start and reads its trials' results back without training twice.
+    Mix in before `keras_tuner.Oracle`; ``flush_saves()`` writes what was held (the
+    trials first, so ``oracle.json`` never names a trial without a file).
     """
 
     def holding_saves(self) -> bool:
