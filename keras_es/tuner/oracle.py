@@ -531,7 +531,8 @@ def _forget_unrecorded_trials(oracle: ESOracle) -> None:
     later trial id would shift (two trials can then get one id) and ``max_trials``
     would be spent on them. Their work is done again under the same ids (on the engine,
     read back from the round's file)."""
-    unknown = sorted(t for t in oracle.trials if t not in set(oracle.start_order))
+    recorded = set(oracle.start_order)
+    unknown = sorted(t for t in oracle.trials if t not in recorded)
     for trial_id in unknown:
         del oracle.trials[trial_id]
     if unknown:
