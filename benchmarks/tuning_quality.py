@@ -230,35 +230,42 @@ def keras_tuner_search(task: Task, name: str, seed: int, budget: int, directory:
     return tuner.track  # [(steps spent after a trial, best values then, seconds)]
 
 
-def es_search(task: Task, name: str, seed: int, budget: int, directory: str, settings: dict):
-    n, windows = settings["num_particles"], settings["windows"]
-    length = max(1, task.run_steps // windows)
-    horizon = length * windows
+# Settings only an `keras_es.Estimator` takes (ESSearch's own arguments cover the rest).
+ESTIMATOR_OPTIONS = ("fitness_shaping", "clip_outliers")
+
+
+def es_tuner(task: Task, name: str, seed: int, budget: int, directory: str,
+             settings: dict) -> _TimedESSearch:
+    """The ESSearch (engine path) of ``settings`` for ``budget`` training steps: N, K =
+    S / ``windows``, sigma, ``meta_objective``, the outer rate and ``outer_beta_2``, and
+    any of `ESTIMATOR_OPTIONS`."""
+    n, length = settings["num_particles"], max(1, task.run_steps // settings["windows"])
+    options = {k: settings[k] for k in ESTIMATOR_OPTIONS if settings.get(k) is not None}
+    estimator = keras_es.estimators.resolve(
+        name, sigma=settings["sigma"], truncation_length=length,
+        horizon=length * settings["windows"], meta_objective=settings["meta_objective"],
+        **options)
     outer = {"outer_learning_rate": settings["outer_learning_rate"]}
     if settings.get("outer_beta_2") is not None:
-        estimator = keras_es.estimators.resolve(name, truncation_length=length,
-                                                horizon=horizon)
         outer = {"outer_optimizer": budget_adam(estimator, n, budget // length,
                                                 settings["outer_beta_2"],
                                                 settings["outer_learning_rate"])}
-    # The oracle's own settings, or an estimator carrying them where a setting only an
-    # Estimator takes (fitness_shaping) is given.
-    estimator = {"estimator": name, "truncation_length": length, "horizon": horizon,
-                 "sigma": settings["sigma"], "meta_objective": settings["meta_objective"]}
-    if settings.get("fitness_shaping") is not None:
-        estimator = {"estimator": keras_es.estimators.resolve(
-            name, sigma=settings["sigma"], truncation_length=length, horizon=horizon,
-            meta_objective=settings["meta_objective"],
-            fitness_shaping=settings["fitness_shaping"])}
-    tuner = _TimedESSearch(
+    return _TimedESSearch(
         task.hypermodel, objective="val_loss", max_trials=budget // length,
-        num_particles=n, seed=seed, execution="engine", directory=directory,
-        project_name=f"{name}_{seed}_{budget}", overwrite=True, **estimator, **outer)
-    tuner.ends, start = {}, time.perf_counter()
+        estimator=estimator, num_particles=n, seed=seed, execution="engine",
+        directory=directory, project_name=f"{name}_{seed}_{budget}", overwrite=True, **outer)
+
+
+def es_search(task: Task, name: str, seed: int, budget: int, directory: str, settings: dict):
+    """Runs `es_tuner`'s search: ``[(steps spent, values, seconds)]`` per outer step."""
+    tuner = es_tuner(task, name, seed, budget, directory, settings)
+    length = tuner.oracle.truncation_length
+    start = time.perf_counter()
     tuner.search(task.x, task.y, batch_size=BATCH, validation_data=(task.xv, task.yv),
                  verbose=0)
     oracle, track, trials = tuner.oracle, [], 0
-    sizes = keras_es.tuner.search_state.plan_rounds(oracle.estimator, n, oracle.max_trials)
+    sizes = keras_es.tuner.search_state.plan_rounds(oracle.estimator, oracle.num_particles,
+                                                    oracle.max_trials)
     for entry, size in zip(oracle.history, sizes, strict=False):
         trials += size
         track.append((trials * length, entry["values"], tuner.ends[entry["round"]] - start))
@@ -275,7 +282,11 @@ def budget_adam(estimator, num_particles: int, max_trials: int, beta_2: float,
 
 
 class _TimedESSearch(keras_es.ESSearch):
-    """Records when each round's last trial ended."""
+    """Records when each round's last trial ended (``ends``: {round: perf_counter()})."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ends = {}
 
     def on_trial_end(self, trial):
         meta = self.oracle.trial_metadata(trial.trial_id)

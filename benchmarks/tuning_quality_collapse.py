@@ -31,30 +31,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import tuning_quality as tq  # noqa: E402
 
-import keras_es  # noqa: E402
-
-VARIANTS = ("plain", "beta_2", "rank", "clip10")
+# The benchmark's ES-Single settings (ESSearch's defaults, K = S / 16) and each remedy.
+SETTINGS = {"num_particles": 8, "windows": 16, "sigma": None, "outer_learning_rate": None,
+            "meta_objective": "sum"}
+REMEDIES = {"plain": {}, "beta_2": {"outer_beta_2": 0.9},
+            "rank": {"fitness_shaping": "rank"}, "clip10": {"clip_outliers": 10.0}}
 
 
 def search(task: tq.Task, seed: int, budget_runs: int, variant: str) -> list[dict]:
-    length = task.run_steps // 16
-    trials = budget_runs * task.run_steps // length
-    settings = {"truncation_length": length, "horizon": task.run_steps}
-    if variant in ("rank", "clip10"):
-        option = ({"fitness_shaping": "rank"} if variant == "rank"
-                  else {"clip_outliers": 10.0})
-        settings = {"estimator": keras_es.estimators.es_single(
-            0.1, length, task.run_steps, objective="sum", **option)}
-    else:
-        settings.update(estimator="es_single", meta_objective="sum")
-    if variant == "beta_2":
-        estimator = keras_es.estimators.resolve("es_single", truncation_length=length,
-                                                horizon=task.run_steps)
-        settings["outer_optimizer"] = tq.budget_adam(estimator, 8, trials, beta_2=0.9)
     with tempfile.TemporaryDirectory() as directory:
-        tuner = keras_es.ESSearch(task.hypermodel, objective="val_loss", max_trials=trials,
-                                  num_particles=8, seed=seed, execution="engine",
-                                  directory=directory, project_name="p", **settings)
+        tuner = tq.es_tuner(task, "es_single", seed, budget_runs * task.run_steps, directory,
+                            {**SETTINGS, **REMEDIES[variant]})
         tuner.search(task.x, task.y, batch_size=tq.BATCH,
                      validation_data=(task.xv, task.yv), verbose=0)
         return [{"outer_step": h["outer_step"], "values": h["values"],
@@ -68,7 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--task", default="cnn", choices=list(tq.TASKS))
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--budget", type=int, default=30)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(REMEDIES), choices=list(REMEDIES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=pathlib.Path,
                         default=tq.RESULTS / "tuning_quality_collapse.json")
